@@ -1,0 +1,88 @@
+"""Offline validation of rendered objects: KubeRay CRD schemas made strict, built-ins via kubernetes-validate.
+
+The KubeRay v1.7.0 CRDs are not copied into this repo: CI reads ../shared/kuberay-v1.7.0/crds,
+elsewhere `make crds` downloads them into .cache/ (ROLLFLEET_CRDS_DIR points at either).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+KUBERAY_VERSION = "v1.7.0"
+KUBERNETES_VERSION = "1.33.0"  # the built-in schema version objects are checked against
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+
+
+class CrdsMissing(FileNotFoundError):
+    pass
+
+
+def crds_dir() -> Path:
+    """Where the KubeRay CRDs are: $ROLLFLEET_CRDS_DIR, else ../shared or .cache beside the checkout."""
+    root = Path(__file__).resolve().parents[2]
+    candidates = [os.environ.get("ROLLFLEET_CRDS_DIR"), root.parent / "shared/kuberay-v1.7.0/crds",
+                  root / f".cache/kuberay-{KUBERAY_VERSION}/crds"]
+    for c in candidates:
+        if c and all((Path(c) / f).is_file() for f in CRD_FILES.values()):
+            return Path(c)
+    raise CrdsMissing(f"KubeRay {KUBERAY_VERSION} CRDs not found (looked in {[str(c) for c in candidates if c]}); "
+                      f"run `make crds` or set ROLLFLEET_CRDS_DIR")
+
+
+def make_strict(schema: Any) -> Any:
+    """Reject unknown fields the way the API server prunes/rejects them: every object with
+    `properties` and no `additionalProperties` / `x-kubernetes-preserve-unknown-fields` gets
+    `additionalProperties: false`."""
+    if isinstance(schema, dict):
+        out = {k: make_strict(v) for k, v in schema.items()}
+        if ("properties" in out and "additionalProperties" not in out
+                and not out.get("x-kubernetes-preserve-unknown-fields")):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [make_strict(v) for v in schema]
+    return schema
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(kind: str, directory: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load((Path(directory) / CRD_FILES[kind]).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = make_strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+    # the API server fills metadata itself; its CRD schema is just `type: object`
+    schema["properties"]["metadata"] = {"type": "object"}
+    return jsonschema.Draft7Validator(schema)
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(root)"
+
+
+def validate_object(obj: dict[str, Any], crds: Path | None = None) -> list[str]:
+    """Problems with one object, each as `Kind/name: path: message`. Empty when valid."""
+    kind = obj.get("kind", "?")
+    name = f"{kind}/{obj.get('metadata', {}).get('name', '?')}"
+    if kind in CRD_FILES:
+        if obj.get("apiVersion") != "ray.io/v1":
+            return [f"{name}: apiVersion {obj.get('apiVersion')!r} is not ray.io/v1"]
+        validator = crd_validator(kind, str(crds or crds_dir()))
+        errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+        return [f"{name}: {_where(e)}: {e.message}" for e in errors]
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{name}: {'.'.join(str(p) for p in exc.path) or '(root)'}: {exc.message}"]
+    return []
+
+
+def validate_objects(objects: list[dict[str, Any]], crds: Path | None = None) -> list[str]:
+    return [problem for obj in objects for problem in validate_object(obj, crds)]
