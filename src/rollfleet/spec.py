@@ -14,10 +14,13 @@ from typing import Any, Literal
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      WithJsonSchema, model_validator)
 from pydantic.alias_generators import to_camel
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# KubeRay refuses RayCluster/RayJob names that are not DNS-1035 labels (must start with a letter).
+DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 SUFFIX = {"m": Decimal("0.001"), None: Decimal(1), **{s: Decimal(1000) ** (i + 1) for i, s in enumerate("kMGTPE")},
           **{s + "i": Decimal(1024) ** (i + 1) for i, s in enumerate("KMGTPE")}}
@@ -53,6 +56,13 @@ class Model(BaseModel):
     )
 
 
+def _quantity_type(value: Any) -> Any:
+    """One error for a non-string, non-integer quantity (not one per member of `str | int`)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity; quote it, e.g. '8', '500m', '0.5', '64Gi'")
+    return value
+
+
 def _quantity(value: str | int) -> str:
     if not QUANTITY.match(str(value)):
         raise ValueError(f"{value!r} is not a Kubernetes quantity; write e.g. '8', '500m', '64Gi'")
@@ -67,7 +77,9 @@ def parse_quantity(value: str | int) -> Decimal:
     return Decimal(m[1]) * SUFFIX[m[2]]
 
 
-Quantity = Annotated[str | int, AfterValidator(_quantity)]
+# The pattern is in the JSON Schema too, so `helm install` rejects a bad quantity before rendering.
+Quantity = Annotated[str | int, BeforeValidator(_quantity_type), AfterValidator(_quantity), WithJsonSchema(
+    {"anyOf": [{"type": "string", "pattern": QUANTITY.pattern}, {"type": "integer", "minimum": 0}]})]
 
 
 class Toleration(Model):
@@ -231,11 +243,12 @@ def cross_field_problems(s: FleetSpec) -> list[str]:
     p: list[str] = []
     tp = s.vllm.tensor_parallel_size
     inf = s.pools.inference
-    for field, value in (("name", s.name), ("namespace", s.namespace)):
-        if not DNS1123_LABEL.match(value) or len(value) > (40 if field == "name" else 63):
-            limit = 40 if field == "name" else 63
-            p.append(f"{field}: {value!r} is not a DNS-1123 label; use lowercase letters, digits and '-',"
-                     f" at most {limit} characters (KubeRay appends suffixes)")
+    if not DNS1035_LABEL.match(s.name) or len(s.name) > 40:
+        p.append(f"name: {s.name!r} is not a DNS-1035 label; start with a lowercase letter, then use lowercase "
+                 f"letters, digits and '-', at most 40 characters (KubeRay appends suffixes)")
+    if not DNS1123_LABEL.match(s.namespace) or len(s.namespace) > 63:
+        p.append(f"namespace: {s.namespace!r} is not a DNS-1123 label; use lowercase letters, digits and '-',"
+                 f" at most 63 characters")
     for pool_name in ("trainer", "inference"):
         pool = getattr(s.pools, pool_name)
         if pool.gpus_per_node < 1:
@@ -259,6 +272,8 @@ def cross_field_problems(s: FleetSpec) -> list[str]:
     want = "nccl" if s.engine == "vllm" else "gloo"
     if s.sync.backend != want:
         p.append(f"sync.backend: engine {s.engine!r} syncs over {want}; set sync.backend: {want}")
+    if s.engine == "cpu-standin" and tp != 1:
+        p.append(f"vllm.tensorParallelSize: the cpu-standin engine has no tensor parallelism; set it to 1")
     m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", s.ray_version)
     if not m:
         p.append(f"rayVersion: {s.ray_version!r} is not MAJOR.MINOR.PATCH; use the image's Ray, {RAY_VERSION}")
@@ -303,15 +318,24 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+def _known_keys(loc: tuple) -> list[str]:
+    model = _model_at(loc)
+    return [f.alias or n for n, f in model.model_fields.items()] if model else []
+
+
+def _closest_key(loc: tuple) -> str | None:
+    """The known key an unknown key at `loc` most likely meant, if any."""
+    close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
+    return close[0] if close else None
+
+
 def _format(err: dict) -> str:
     loc = tuple(err["loc"])
     path = _path(loc) or "(root)"
     if err["type"] == "extra_forbidden":
-        model = _model_at(loc)
-        known = [f.alias or n for n, f in model.model_fields.items()] if model else []
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"did you mean {'.'.join([*path.split('.')[:-1], close[0]])!r}?" if close else \
-            f"known keys here: {', '.join(known)}"
+        close = _closest_key(loc)
+        hint = f"did you mean {'.'.join([*path.split('.')[:-1], close])!r}?" if close else \
+            f"known keys here: {', '.join(_known_keys(loc))}"
         return f"{path}: unknown key; {hint}"
     if err["type"] == "value_error" and not loc:
         return err["msg"].removeprefix("Value error, ")
@@ -324,8 +348,13 @@ def load_spec(values: dict[str, Any] | None) -> FleetSpec:
     try:
         return FleetSpec.model_validate(values or {})
     except ValidationError as exc:
+        errors = exc.errors()
+        # a misspelt required key is one problem: keep "unknown key; did you mean", drop "Field required"
+        meant = {(*e["loc"][:-1], _closest_key(tuple(e["loc"]))) for e in errors if e["type"] == "extra_forbidden"}
         lines: list[str] = []
-        for err in exc.errors():
+        for err in errors:
+            if err["type"] == "missing" and tuple(err["loc"]) in meant:
+                continue
             lines.extend(_format(err).splitlines())
         raise SpecError(lines) from None
 
