@@ -53,3 +53,64 @@ crds: ## download the KubeRay $(KUBERAY_VERSION) CRDs into .cache/ (CI reads ../
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+deploy: venv ## preflight, server-side apply and wait for VALUES on the current kube context (docs/deploy.md)
+	$(BIN)/rollfleet deploy -f $(VALUES)
+
+status: venv ## VALUES' fleet on the cluster: objects, pools ready, problems
+	$(BIN)/rollfleet status -f $(VALUES)
+
+down: venv ## delete VALUES' fleet: only its RayJob/RayCluster/ConfigMap labelled managed-by=rollfleet
+	$(BIN)/rollfleet down -f $(VALUES)
+
+kind-smoke: venv ## GPU host with docker + NVIDIA toolkit, >= 2 GPUs: nvkind, KubeRay, chart, RayJob (DRY_RUN=1 prints)
+	DRY_RUN=$(DRY_RUN) scripts/kind-smoke.sh
+
+.PHONY: schema-check helm-lint
+schema-check: venv ## fail when charts/rollfleet/values.schema.json differs from the spec model (fix: make schema)
+	@$(BIN)/rollfleet schema | diff -u charts/rollfleet/values.schema.json - \
+	  || { echo "error: charts/rollfleet/values.schema.json is stale; run \`make schema\`" >&2; exit 1; }
+
+helm-lint: venv ## strict `helm lint` of charts/rollfleet, schema drift, parity with the Jinja render (real Helm engine, no binary)
+	$(BIN)/python -m pytest -q tests/test_chart.py
+
+# ---- runtime image: images/runtime/, docs/image.md ---------------------------------------------------
+IMAGE_REPO ?= ghcr.io/rollfleet/runtime
+CUDA_BASE ?= nvidia/cuda:12.9.1-base-ubuntu22.04
+CUDA_BASE_DIGEST ?=
+IMAGE_OUTPUT ?= --load
+IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_VLLM := $(shell sed -n 's/^vllm==\([^ ]*\).*/\1/p' images/runtime/requirements.lock)
+IMAGE_DESCRIBE := $(shell git describe --tags --always --dirty 2>/dev/null || echo unknown)
+IMAGE_REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+
+.PHONY: images lock lint-images base-digest lock-flash-attn image-standin
+images: ## build the runtime image with docker buildx; needs CUDA_BASE_DIGEST=sha256:... (make base-digest)
+	@[[ "$(CUDA_BASE_DIGEST)" =~ ^sha256:[0-9a-f]{64}$$ ]] || { echo "error: CUDA_BASE_DIGEST=sha256:<64 hex> \
+	is required: the digest of $(CUDA_BASE), read from the registry with \`make base-digest\` (docs/image.md)" >&2; exit 1; }
+	docker buildx build --platform linux/amd64 -f images/runtime/Dockerfile \
+	  --build-arg BASE_IMAGE=$(CUDA_BASE) --build-arg BASE_DIGEST=$(CUDA_BASE_DIGEST) \
+	  --build-arg VERSION=$(IMAGE_VERSION) --build-arg REVISION=$(IMAGE_REVISION) \
+	  -t $(IMAGE_REPO):$(IMAGE_VERSION)-vllm$(IMAGE_VLLM) -t $(IMAGE_REPO):$(IMAGE_DESCRIBE) $(IMAGE_OUTPUT) .
+
+base-digest: ## print the registry digest of CUDA_BASE (needs docker buildx and registry access)
+	@docker buildx imagetools inspect $(CUDA_BASE) | awk '/^Digest:/ {print $$2; exit}'
+
+lock: venv ## recompile images/runtime/requirements.lock from requirements.in (uv, PyPI, hashes)
+	UV=$(BIN)/uv images/runtime/lock.sh
+
+lock-flash-attn: ## download flash-attn's release wheel (GitHub) and check it against FLASH_ATTN_SHA256
+	@url=$$(sed -n 's/^ARG FLASH_ATTN_URL=//p' images/runtime/Dockerfile); \
+	want=$$(sed -n 's/^ARG FLASH_ATTN_SHA256=//p' images/runtime/Dockerfile); \
+	got=$$(set -o pipefail; curl -fsSL "$$url" | sha256sum | cut -d' ' -f1) || exit 1; \
+	echo "$$got  $$url"; \
+	if [ -z "$$want" ]; then sed -i "s/^ARG FLASH_ATTN_SHA256=.*/ARG FLASH_ATTN_SHA256=$$got/" images/runtime/Dockerfile; \
+	  echo "recorded FLASH_ATTN_SHA256 in images/runtime/Dockerfile"; \
+	elif [ "$$got" = "$$want" ]; then echo "ok: equals the Dockerfile's FLASH_ATTN_SHA256"; \
+	else echo "error: the Dockerfile pins $$want; investigate before changing it" >&2; exit 1; fi
+
+lint-images: venv ## hadolint images/runtime/Dockerfile (ignores documented in images/runtime/.hadolint.yaml)
+	$(BIN)/hadolint --config images/runtime/.hadolint.yaml images/runtime/Dockerfile
+
+image-standin: venv ## buildah stand-in build of the Dockerfile on a local Debian base (root; no registry; docs/image.md)
+	UV=$(BIN)/uv images/runtime/standin.sh

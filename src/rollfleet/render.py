@@ -37,12 +37,19 @@ def node_selector(pool) -> dict[str, str]:
     return {**gpu, **pool.node_selector}
 
 
+def _json_default(value: Any) -> Any:
+    """`tojson` would turn an undefined name into a TypeError; StrictUndefined's own error names it."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # raises jinja2.UndefinedError: '<name>' is undefined
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True, autoescape=False,
     )
-    env.policies["json.dumps_kwargs"] = {"sort_keys": False}
+    env.policies["json.dumps_kwargs"] = {"sort_keys": False, "default": _json_default}
     env.globals.update(labels=labels, node_selector=node_selector, raylet_health=RAYLET_HEALTH,
                        gcs_health=GCS_HEALTH)
     return env
@@ -101,6 +108,21 @@ def apply_sets(values: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     return out
 
 
+def merge_default_maps(values: dict[str, Any]) -> dict[str, Any]:
+    """Merge the values' `env` and `ncclEnv` into their defaults, as Helm merges a values file into the
+    chart's values.yaml (pydantic would replace them, dropping e.g. NCCL_CUMEM_ENABLE=0 when a file only
+    adds NCCL_IB_HCA). So `rollfleet render -f` and `helm install -f` build the same spec from the same file.
+    As in Helm, `KEY: null` removes a default key; a null for any other key stays and is refused."""
+    out = dict(values)
+    defaults = FleetSpec().model_dump(by_alias=True)
+    for name, field in FleetSpec.model_fields.items():  # the maps with non-empty defaults: env, ncclEnv
+        key = field.alias or name
+        if isinstance(field.default, dict) and field.default and isinstance(out.get(key), dict):
+            merged = {**defaults[key], **out[key]}
+            out[key] = {k: v for k, v in merged.items() if v is not None or k not in defaults[key]}
+    return out
+
+
 def load_values(path: str | Path | None, sets: list[str] = ()) -> FleetSpec:
     """Read a values file (YAML), apply --set overrides, validate. Raises SpecError / ValueError."""
     values: dict[str, Any] = {}
@@ -109,4 +131,4 @@ def load_values(path: str | Path | None, sets: list[str] = ()) -> FleetSpec:
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: the values file must be a YAML mapping")
         values = loaded or {}
-    return load_spec(apply_sets(values, list(sets)))
+    return load_spec(merge_default_maps(apply_sets(values, list(sets))))

@@ -30,7 +30,8 @@ def start_local_ray(spec, extra_cpus: int = 2):
         os.environ.setdefault(k, v)
     import ray
 
-    ray.init(num_cpus=spec.engines + 1 + extra_cpus, num_gpus=0,
+    # address="local": always a new local Ray, never one found via `ray start` or RAY_ADDRESS
+    ray.init(address="local", num_cpus=spec.engines + 1 + extra_cpus, num_gpus=0,
              resources={"trainer": spec.pools.trainer.gpus, "inference": spec.engines},
              include_dashboard=False, logging_level="ERROR", log_to_driver=True)
     return ray

@@ -66,11 +66,15 @@ class VllmEngine:
         return self.llm.collective_rpc("rollfleet_join", timeout=timeout_s, args=(
             host, port, engine, self.spec.vllm.tensor_parallel_size, world_size, timeout_s))
 
-    def receive(self, plan: sync.Plan, timeout_s: float) -> list[list[int]]:
-        return self.llm.collective_rpc("rollfleet_receive", timeout=timeout_s, args=(plan, timeout_s))
+    def receive(self, plan: sync.Plan, timeout_s: float) -> list[dict[str, Any]]:
+        """Per TP worker: {"checksums": [...], "seconds": receive time inside the worker}."""
+        return self.llm.collective_rpc("rollfleet_receive", timeout=timeout_s, args=(plan.to_wire(), timeout_s))
 
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())
+
+    def raw_broadcast(self, nbytes: int, iters: int, timeout_s: float) -> list[float]:
+        return self.llm.collective_rpc("rollfleet_raw_broadcast", timeout=timeout_s, args=(nbytes, iters, timeout_s))
 
     def param_sums(self, names: list[str]) -> list[dict[str, float]]:
         return self.llm.collective_rpc("rollfleet_param_sums", args=(names,))
@@ -144,12 +148,17 @@ class StandinEngine:
                 raise KeyError(f"weight {name!r} is not a parameter of this model")
             self.params[name].data.copy_(tensor)
 
-    def receive(self, plan: sync.Plan, timeout_s: float) -> list[list[int]]:
-        return [sync.receive(plan, self.transport, self.load_weights, time.monotonic() + timeout_s)]
+    def receive(self, plan: sync.Plan, timeout_s: float) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        sums = sync.receive(plan, self.transport, self.load_weights, time.monotonic() + timeout_s)
+        return [{"checksums": sums, "seconds": time.perf_counter() - t0}]
 
     def reset_prefix_cache(self) -> bool:
         self.prefix_cache.clear()
         return True
+
+    def raw_broadcast(self, nbytes: int, iters: int, timeout_s: float) -> list[float]:
+        return [sync.raw_broadcast(self.transport, nbytes, iters, time.monotonic() + timeout_s)]
 
     def param_sums(self, names: list[str]) -> list[dict[str, float]]:
         return [{n: float(self.params[n].detach().double().sum()) for n in names if n in self.params}]
@@ -219,13 +228,21 @@ class EngineActor:
             finally:
                 self._enter("idle")
 
-    def receive(self, plan: sync.Plan) -> dict[str, Any]:
-        """One push: receive every bucket, load, reset the prefix cache (a False result is an error)."""
+    def receive(self, plan: sync.Plan, finalize: bool = True) -> dict[str, Any]:
+        """One push: receive every bucket, load, reset the prefix cache (a False result is an error).
+        `finalize=False` skips the reset and the version bump (the per-tensor baseline in bench)."""
         t0 = time.perf_counter()
         with self.lock:
+            t_locked = time.perf_counter()
             self._enter("receiving")
             try:
-                sums = self.engine.receive(plan, self.spec.sync.timeout_seconds)
+                workers = self.engine.receive(plan, self.spec.sync.timeout_seconds)
+                t_received = time.perf_counter()
+                ack = {"engine": self.index, "checksums": [w["checksums"] for w in workers],
+                       "worker_seconds": max(w["seconds"] for w in workers), "lock_wait_seconds": t_locked - t0,
+                       "receive_rpc_seconds": t_received - t_locked}
+                if not finalize:
+                    return {**ack, "version": self.version, "prefix_reset": None}
                 if not self.engine.reset_prefix_cache():
                     raise sync.SyncError(f"engine {self.index}: reset_prefix_cache() returned False after push "
                                          f"v{plan.version}; stale KV would corrupt rollouts")
@@ -235,12 +252,26 @@ class EngineActor:
                 raise
             finally:
                 self._enter("idle")
-        return {"engine": self.index, "version": plan.version, "checksums": sums, "prefix_reset": True,
+        return {**ack, "version": plan.version, "prefix_reset": True, "reset_seconds": time.perf_counter() - t_received,
                 "seconds": time.perf_counter() - t0}
 
     def param_sums(self, names: list[str]) -> list[dict[str, float]]:
         with self.lock:
             return self.engine.param_sums(names)
+
+    def raw_broadcast(self, nbytes: int, iters: int) -> list[float]:
+        """Benchmark ceiling: raw broadcasts on the sync group (every TP worker joins)."""
+        with self.lock:
+            return self.engine.raw_broadcast(nbytes, iters, self.spec.sync.timeout_seconds)
+
+    def stop(self) -> None:
+        """Release the engine (vLLM shuts its engine-core process down when the client is collected)."""
+        import gc
+
+        with self.lock:
+            self.engine = None
+            self._enter("stopped")
+        gc.collect()
 
     def health(self) -> dict[str, Any]:
         """Never takes the engine lock: answers while a push or generate is in flight."""

@@ -22,11 +22,18 @@ class WeightSyncExtension:
         self.rollfleet_transport = sync.join("nccl", host, port, rank, world_size, self.device, timeout_s)
         return rank
 
-    def rollfleet_receive(self, plan: sync.Plan, timeout_s: float) -> list[int]:
-        """Receive one push into two bucket buffers, handing views to the model's load_weights."""
+    def rollfleet_receive(self, plan: dict, timeout_s: float) -> dict:
+        """Receive one push into two bucket buffers, handing views to the model's load_weights.
+        Returns this worker's checksums and its receive time (the push profile)."""
         model = self.model_runner.model
-        return sync.receive(plan, self.rollfleet_transport, lambda weights: model.load_weights(weights=weights),
-                            time.monotonic() + timeout_s)
+        t0 = time.perf_counter()
+        sums = sync.receive(sync.Plan.from_wire(plan), self.rollfleet_transport,
+                            lambda weights: model.load_weights(weights=weights), time.monotonic() + timeout_s)
+        return {"checksums": sums, "seconds": time.perf_counter() - t0}
+
+    def rollfleet_raw_broadcast(self, nbytes: int, iters: int, timeout_s: float) -> float:
+        """Benchmark ceiling: join `iters` raw broadcasts of one buffer (no packing, no loading)."""
+        return sync.raw_broadcast(self.rollfleet_transport, nbytes, iters, time.monotonic() + timeout_s)
 
     def rollfleet_param_sums(self, names: list[str]) -> dict[str, float]:
         """float64 sums of named engine parameters on this TP rank (tests compare unsharded ones)."""

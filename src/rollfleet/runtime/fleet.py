@@ -39,6 +39,8 @@ class PushStats:
     seconds: float
     engines: int
     checksums_ok: bool | None  # None when sync.verifyChecksums is off
+    send_seconds: float = 0.0  # rank 0's data path: pack + broadcast until the last bucket left
+    acks: tuple = ()  # per engine: worker/receive/reset seconds (the push profile)
 
     @property
     def gbps(self) -> float:
@@ -154,6 +156,8 @@ class Fleet:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        stops = [e.stop.remote() for e in self.engines]
+        ray.wait(stops, num_returns=len(stops), timeout=60)  # graceful first: GPU memory is returned
         for e in self.engines:
             ray.kill(e)
         for g in self.groups:
@@ -195,19 +199,25 @@ class WeightSender:
         self.ranks = gather(joins, deadline, "sync group join", f"sync.timeoutSeconds={self.timeout_s}")
         self.store = store  # keeps the rendezvous server alive for the group's lifetime
 
-    def push(self, named_tensors: Iterable[tuple[str, Any]]) -> PushStats:
+    def push(self, named_tensors: Iterable[tuple[str, Any]], verify: bool | None = None,
+             bucket_mib: int | None = None, load: bool = True) -> PushStats:
         """Bucketed broadcast of HF-named, unsharded tensors to every engine; each engine loads them,
-        resets its prefix cache, and (sync.verifyChecksums) its checksums must equal the sender's."""
+        resets its prefix cache, and its checksums must equal the sender's (`verify`, default
+        sync.verifyChecksums)."""
         spec = self.fleet.spec
         items = [(n, t) for n, t in named_tensors]
         self.version += 1
-        plan = sync.plan_buckets(items, spec.sync.bucket_mib << 20, self.version, spec.sync.verify_checksums)
+        verify = spec.sync.verify_checksums if verify is None else verify
+        plan = sync.plan_buckets(items, (bucket_mib or spec.sync.bucket_mib) << 20, self.version, verify)
+        if not load:  # bench profiling only: receivers skip load_weights
+            plan = dataclasses.replace(plan, load=False)
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
         acks = [e.receive.remote(plan) for e in self.fleet.engines]
         what = f"push v{self.version}"
         try:
             sent = sync.send(plan, [t for _, t in items], self.transport, deadline)
+            send_seconds = time.perf_counter() - t0
         except sync.SyncError as exc:
             # name the engine that broke the group, if Ray already knows
             gather_deadline = time.monotonic() + min(5.0, self.timeout_s)
@@ -225,4 +235,6 @@ class WeightSender:
                         raise sync.SyncError(f"{what}: engine {r['engine']} TP rank {tp_rank} checksum mismatch "
                                              f"in bucket {bad}; the transport corrupted data")
             ok = True
-        return PushStats(self.version, plan.total_bytes, len(plan.buckets), seconds, len(results), ok)
+        profile = tuple({k: round(v, 5) for k, v in r.items() if k.endswith("seconds")} for r in results)
+        return PushStats(self.version, plan.total_bytes, len(plan.buckets), seconds, len(results), ok,
+                         send_seconds, profile)

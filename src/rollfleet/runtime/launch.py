@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(f"error: {args.config}: {line}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as exc:  # missing/unreadable file, invalid JSON
+        print(f"error: {args.config}: {exc}", file=sys.stderr)
+        return 2
     import ray
 
     ray.init(address=args.address, log_to_driver=True)

@@ -6,6 +6,7 @@ Pools are Ray custom resources set per worker group in the RayCluster (`inferenc
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from rollfleet.spec import FleetSpec
@@ -39,7 +40,9 @@ def reserve_engines(spec: FleetSpec, timeout_s: float) -> list[Any]:
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundle = engine_bundle(spec)
-    groups = [placement_group([bundle], strategy="STRICT_PACK", name=f"{spec.name}-engine-{i}")
+    # names are unique per job namespace: a suffix lets a second fleet (or a restart) reserve its own
+    suffix = uuid.uuid4().hex[:8]
+    groups = [placement_group([bundle], strategy="STRICT_PACK", name=f"{spec.name}-engine-{i}-{suffix}")
               for i in range(spec.engines)]
     ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=timeout_s)
     if len(ready) < len(groups):

@@ -63,6 +63,19 @@ class Plan:
     version: int
     buckets: tuple[Bucket, ...]
     verify: bool
+    load: bool = True  # False only in `bench gpu --profile`: isolates the transport from load_weights
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain data for RPC layers that do not keep dataclasses (vLLM's collective_rpc)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: Plan | dict[str, Any]) -> Plan:
+        if isinstance(data, Plan):
+            return data
+        buckets = tuple(Bucket(b["nbytes"], tuple(Slot(s["name"], s["dtype"], tuple(s["shape"]), s["offset"], s["nbytes"])
+                                                   for s in b["slots"])) for b in data["buckets"])
+        return cls(data["version"], buckets, data["verify"], data.get("load", True))
 
     @property
     def buffer_bytes(self) -> int:
@@ -101,8 +114,9 @@ def view(buffer: torch.Tensor, slot: Slot) -> torch.Tensor:
 
 
 def checksum(buffer: torch.Tensor) -> torch.Tensor:
-    """Sum of the bucket's 32-bit words in int64 (exact; catches truncation and corrupted bytes)."""
-    return buffer.view(torch.int32).sum(dtype=torch.int64)
+    """Sum of the bucket's 64-bit words, wrapping mod 2^64 (one native pass, on CPU and GPU alike;
+    catches truncation and corrupted bytes). Buckets are ALIGN-padded, so the view always fits."""
+    return buffer.view(torch.int64).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,8 +266,11 @@ def make_transport(backend: str, store, rank: int, world_size: int, device: torc
         return GlooTransport(store, rank, world_size, timeout_s)
     from vllm.distributed.utils import StatelessProcessGroup
 
-    group = StatelessProcessGroup(rank=rank, world_size=world_size, store=store)
-    return NcclTransport(group, device)
+    # vLLM 0.14.1's dataclass has a required `socket` field (None unless rank 0 owns it); 0.20.2 dropped it
+    extra = {"socket": None} if "socket" in {f.name for f in dataclasses.fields(StatelessProcessGroup)} else {}
+    group = StatelessProcessGroup(rank=rank, world_size=world_size, store=store, **extra)
+    with torch.cuda.device(device):  # may run in a helper thread (with_deadline): pin the device
+        return NcclTransport(group, device)
 
 
 def join(backend: str, host: str, port: int, rank: int, world_size: int, device: torch.device,
@@ -301,6 +318,16 @@ def send(plan: Plan, tensors: list[torch.Tensor], transport: Transport, deadline
     return [int(s) for s in sums]
 
 
+def raw_broadcast(transport: Transport, nbytes: int, iters: int, deadline: float) -> float:
+    """The ceiling: seconds per broadcast of one `nbytes` buffer (after one warm-up). Every rank
+    calls it with the same arguments; rank 0 sends."""
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=transport.device)
+    transport.finish([transport.broadcast(buf)], deadline, "raw broadcast warm-up")
+    t0 = time.perf_counter()
+    transport.finish([transport.broadcast(buf) for _ in range(iters)], deadline, "raw broadcast")
+    return (time.perf_counter() - t0) / iters
+
+
 def receive(plan: Plan, transport: Transport, load_fn: Callable[[list[tuple[str, torch.Tensor]]], Any],
             deadline: float) -> list[int]:
     """Receiver: bucket k+1 arrives while bucket k is loaded. Returns the checksums of what arrived."""
@@ -324,7 +351,8 @@ def receive(plan: Plan, transport: Transport, load_fn: Callable[[list[tuple[str,
         buf = buffers[k % 2][:bucket.nbytes]
         if plan.verify:
             sums.append(checksum(buf))
-        load_fn([(slot.name, view(buf, slot)) for slot in bucket.slots])
+        if plan.load:
+            load_fn([(slot.name, view(buf, slot)) for slot in bucket.slots])
         loaded.append(transport.mark())
     transport.finish([h for h in loaded if h is not None], deadline, f"load v{plan.version}")
     return [int(s) for s in sums]

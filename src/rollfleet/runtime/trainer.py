@@ -32,7 +32,11 @@ class SmokeTrainer:
         dtype = getattr(torch, self.spec.model.dtype) if self.spec.model.dtype != "auto" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model, revision=self.spec.model.revision,
                                                           dtype=dtype).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2 if not gpu else 1e-6)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
+
+    def param_sums(self, names: list[str]) -> dict[str, float]:
+        params = dict(self.model.named_parameters())
+        return {n: float(params[n].detach().double().sum()) for n in names}
 
     def _grpo_step(self, outs) -> float:
         import torch

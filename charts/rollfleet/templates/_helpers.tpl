@@ -1,0 +1,96 @@
+{{/*
+Names. Objects are named from `name` in the values, not from the release name, so `helm install` and
+`rollfleet deploy` create the same objects from the same values file (the spec limits `name` to 40
+characters because KubeRay appends suffixes). Truncated at 63, the DNS label limit, like every chart.
+*/}}
+{{- define "rollfleet.name" -}}
+{{- .Values.name | toString | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The runtime-config ConfigMap (rollfleet.render.config_name). */}}
+{{- define "rollfleet.configName" -}}
+{{- printf "%s-config" (include "rollfleet.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The `helm test` pod and its RBAC. */}}
+{{- define "rollfleet.testName" -}}
+{{- printf "%s-test" (include "rollfleet.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Chart name and version, the value of the helm.sh/chart label. */}}
+{{- define "rollfleet.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Pod-template labels, the same set as rollfleet.render.labels: the pool's own labels first, the
+standard set wins. managed-by is Helm here (rollfleet for `rollfleet deploy`), so `rollfleet down`
+never deletes a Helm release's objects.
+Call with (dict "ctx" $ "component" "head" "extra" $labels).
+*/}}
+{{- define "rollfleet.labels" -}}
+{{- $standard := dict
+  "app.kubernetes.io/name" "rollfleet"
+  "app.kubernetes.io/instance" (include "rollfleet.name" .ctx)
+  "app.kubernetes.io/component" .component
+  "app.kubernetes.io/managed-by" .ctx.Release.Service }}
+{{- toYaml (merge $standard (.extra | default dict)) }}
+{{- end }}
+
+{{/*
+Labels of top-level objects: the pod-template set plus helm.sh/chart. Pod templates do not carry
+helm.sh/chart: with upgradeStrategy Recreate a chart-version bump alone would restart the cluster.
+*/}}
+{{- define "rollfleet.objectLabels" -}}
+helm.sh/chart: {{ include "rollfleet.chart" .ctx }}
+{{ include "rollfleet.labels" . }}
+{{- end }}
+
+{{/* The image reference: by digest when image.digest is set (spec.Image.ref). */}}
+{{- define "rollfleet.image" -}}
+{{- if .digest }}{{ printf "%s@%s" .repository .digest }}{{ else }}{{ printf "%s:%s" .repository (toString .tag) }}{{ end }}
+{{- end }}
+
+{{/* The RayJob entrypoint and the probe commands (rollfleet.render.LAUNCH / RAYLET_HEALTH / GCS_HEALTH). */}}
+{{- define "rollfleet.configDir" -}}/etc/rollfleet{{- end }}
+{{- define "rollfleet.entrypoint" -}}
+python -m rollfleet.runtime.launch --config {{ include "rollfleet.configDir" . }}/fleet.json
+{{- end }}
+{{- define "rollfleet.rayletHealth" -}}
+wget -T 4 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success
+{{- end }}
+{{- define "rollfleet.gcsHealth" -}}
+wget -T 4 -q -O- http://localhost:8265/api/gcs_healthz | grep success
+{{- end }}
+
+{{/*
+A number as an integer. Values reach templates as float64 and Go prints 1e6 as "1e+06", so every
+integer field goes through here (or int64).
+*/}}
+{{- define "rollfleet.str" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
+{{- end }}
+
+{{/* A string as Python's repr() writes it, for messages that must equal the CLI's. */}}
+{{- define "rollfleet.pyrepr" -}}
+{{- $s := toString . | replace "\\" "\\\\" | replace "\n" "\\n" | replace "\r" "\\r" | replace "\t" "\\t" }}
+{{- if and (contains "'" $s) (not (contains "\"" $s)) }}"{{ $s }}"{{ else }}'{{ $s | replace "'" "\\'" }}'{{ end }}
+{{- end }}
+
+{{/* A float as Python's str() writes it (2 -> "2.0"), for messages that must equal the CLI's. */}}
+{{- define "rollfleet.pyfloat" -}}
+{{- $f := float64 . }}
+{{- if and (eq $f (floor $f)) (lt $f 1e16) (gt $f -1e16) }}{{ printf "%d.0" (int64 $f) }}{{ else }}{{ printf "%v" $f }}{{ end }}
+{{- end }}
+
+{{/* A Kubernetes quantity ('64Gi', '500m', '8') as a number (spec.parse_quantity); "" when malformed. */}}
+{{- define "rollfleet.quantity" -}}
+{{- $m := regexFindAll "^([0-9]+(?:\\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$" (toString .) 1 }}
+{{- if $m }}
+{{- $number := regexFind "^[0-9]+(?:\\.[0-9]+)?" (toString .) }}
+{{- $suffix := trimPrefix $number (toString .) }}
+{{- $scale := dict "" 1.0 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18
+  "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 }}
+{{- mulf (float64 $number) (index $scale $suffix) }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,163 @@
+"""cli.py: `rollfleet render | validate | schema`, in-process (fast) plus one console-script smoke."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import EXAMPLES
+from rollfleet.cli import main
+from rollfleet.render import load_values, render_objects, to_yaml
+
+EXAMPLE = next(e for e in EXAMPLES if e.stem == "one-node-8gpu")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    lines = err.splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), err
+    return lines
+
+
+def test_render_prints_multi_document_yaml(capsys):
+    code, out, err = run(capsys, "render", "-f", str(EXAMPLE))
+    assert code == 0 and err == ""
+    docs = list(yaml.safe_load_all(out))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
+    assert out == to_yaml(render_objects(load_values(EXAMPLE)))
+
+
+def test_render_without_values_uses_the_defaults(capsys):
+    code, out, _ = run(capsys, "render")
+    assert code == 0
+    assert [d["metadata"]["name"] for d in yaml.safe_load_all(out)] == ["rollfleet-config", "rollfleet"]
+
+
+def test_render_to_a_directory_writes_one_file_per_object(capsys, tmp_path):
+    out_dir = tmp_path / "out" / "nested"
+    code, out, err = run(capsys, "render", "-f", str(EXAMPLE), "-o", str(out_dir))
+    assert code == 0 and out == ""
+    assert "wrote 2 objects" in err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["configmap.yaml", "rayjob.yaml"]
+    (job,) = yaml.safe_load_all((out_dir / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["metadata"]["name"] == "grpo-8gpu"
+
+
+def test_render_raycluster_file_name(capsys, tmp_path):
+    code, _, _ = run(capsys, "render", "--set", "job.enabled=false", "-o", str(tmp_path))
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configmap.yaml", "raycluster.yaml"]
+
+
+def test_set_overrides_the_values_file(capsys):
+    code, out, _ = run(capsys, "render", "-f", str(EXAMPLE), "--set", "pools.inference.gpusPerNode=8",
+                       "--set", "vllm.tensorParallelSize=2", "--set", "name=over")
+    assert code == 0
+    cm, job = yaml.safe_load_all(out)
+    assert job["metadata"]["name"] == "over"
+    inference = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]
+    assert inference["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert json.loads(cm["data"]["fleet.json"])["vllm"]["tensorParallelSize"] == 2
+
+
+def test_bad_values_exit_2_with_one_error_line_per_problem_and_write_nothing(capsys, tmp_path):
+    values = tmp_path / "bad.yaml"
+    values.write_text(yaml.safe_dump({
+        "name": "Bad_Name",
+        "pools": {"inference": {"gpusPerNod": 8}, "trainer": {"memory": "lots"}},
+        "job": {"submissionMode": "SidecarMode"},
+    }))
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "render", "-f", str(values), "-o", str(out_dir))
+    assert code == 2 and out == ""
+    lines = error_lines(err)
+    assert sorted(line.split(":")[1].strip() for line in lines) == ["pools.inference.gpusPerNod", "pools.trainer.memory"]
+    assert not out_dir.exists()
+    # cross-field problems: one line each too
+    code, _, err = run(capsys, "render", "--set", "name=Bad_Name", "--set", "job.submissionMode=SidecarMode",
+                       "-o", str(out_dir))
+    assert code == 2
+    assert [line.split(":")[1].strip() for line in error_lines(err)] == ["name", "job.submissionMode"]
+    assert not out_dir.exists()
+
+
+def test_bad_values_leave_an_existing_output_directory_untouched(capsys, tmp_path):
+    code, _, err = run(capsys, "render", "--set", "vllm.tensorParallelSize=3", "-o", str(tmp_path))
+    assert code == 2
+    assert error_lines(err) == [line for line in err.splitlines() if "vllm.tensorParallelSize" in line]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["render", "--set", "pools.inference.gpusPerNode"], "--set"),
+    (["render", "-f", "/nonexistent/values.yaml"], "/nonexistent/values.yaml"),
+    (["render", "--set", "env.VLLM_USE_V1=1"], "env.VLLM_USE_V1"),  # YAML int, refused: quote it
+])
+def test_usage_errors_exit_2(capsys, argv, fragment):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    (line,) = error_lines(err)
+    assert fragment in line
+
+
+def test_validate_ok(capsys, crds):
+    code, out, err = run(capsys, "validate", "-f", str(EXAMPLE), "--crds", str(crds))
+    assert code == 0 and err == ""
+    assert out.startswith("ok: ConfigMap/grpo-8gpu-config, RayJob/grpo-8gpu valid")
+    assert "4 engine(s) × TP 1, 4 trainer GPU(s)" in out
+
+
+def test_validate_bad_values_exit_2(capsys, crds):
+    code, out, err = run(capsys, "validate", "--set", "pools.trainer.gpusPerNode=0", "--crds", str(crds))
+    assert code == 2 and out == ""
+    (line,) = error_lines(err)
+    assert line.startswith("error: pools.trainer.gpusPerNode: ")
+
+
+def test_validate_reports_schema_problems_with_exit_1(capsys, crds, monkeypatch):
+    import rollfleet.render
+
+    real = rollfleet.render.render_objects
+
+    def broken(spec):
+        objs = real(spec)
+        objs[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["bogus"] = True
+        return objs
+
+    monkeypatch.setattr(rollfleet.render, "render_objects", broken)
+    code, out, err = run(capsys, "validate", "--crds", str(crds))
+    assert code == 1 and out == ""
+    (line,) = error_lines(err)
+    assert line.startswith("error: RayJob/rollfleet: spec.rayClusterSpec.workerGroupSpecs.0: ") and "bogus" in line
+
+
+def test_schema_prints_camel_case_json(capsys):
+    code, out, _ = run(capsys, "schema")
+    assert code == 0
+    schema = json.loads(out)
+    assert schema["title"] == "rollfleet values"
+    pool = schema["$defs"]["Pool"]["properties"]
+    assert "gpusPerNode" in pool and "shmSize" in pool and "gpus_per_node" not in pool
+    assert "bucketMiB" in schema["$defs"]["Sync"]["properties"]
+    assert "rayVersion" in schema["properties"]
+
+
+def test_console_script_smoke(tmp_path):
+    script = Path(sys.executable).with_name("rollfleet")
+    ok = subprocess.run([str(script), "render", "-f", str(EXAMPLE)], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert [d["kind"] for d in yaml.safe_load_all(ok.stdout)] == ["ConfigMap", "RayJob"]
+    bad = subprocess.run([str(script), "render", "--set", "pools.inference.gpusPerNod=8"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == "error: pools.inference.gpusPerNod: unknown key; did you mean 'pools.inference.gpusPerNode'?\n"

@@ -1,0 +1,81 @@
+"""launch.py and demo.py: the RayJob entrypoint's config errors, and `rollfleet demo` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rollfleet.render import load_values
+from rollfleet.runtime import demo, launch
+from rollfleet.spec import runtime_config
+
+from conftest import ROOT
+
+
+def _config(tmp_path, values) -> str:
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps(values) if not isinstance(values, str) else values)
+    return str(path)
+
+
+def test_launch_with_a_bad_field_exits_2_naming_it(tmp_path, capsys):
+    config = runtime_config(demo.local_spec())
+    config["sync"]["timeoutSeconds"] = 0
+    path = _config(tmp_path, config)
+    assert launch.main(["--config", path]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}: sync.timeoutSeconds:" in err
+    assert "Traceback" not in err
+
+
+def test_launch_with_a_misspelt_key_suggests_the_right_one(tmp_path, capsys):
+    path = _config(tmp_path, {"engine": "cpu-standin", "sync": {"backend": "gloo", "timeoutSecond": 5}})
+    assert launch.main(["--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "sync.timeoutSecond: unknown key; did you mean 'sync.timeoutSeconds'?" in err
+
+
+def test_launch_with_a_cross_field_problem_exits_2(tmp_path, capsys):
+    path = _config(tmp_path, {"engine": "cpu-standin"})  # the stand-in needs sync.backend: gloo
+    assert launch.main(["--config", path]) == 2
+    assert "sync.backend: engine 'cpu-standin' syncs over gloo; set sync.backend: gloo" in capsys.readouterr().err
+
+
+def test_launch_with_unreadable_config_exits_2_naming_the_file(tmp_path, capsys):
+    bad_json = _config(tmp_path, "{not json")
+    assert launch.main(["--config", bad_json]) == 2
+    assert f"error: {bad_json}:" in capsys.readouterr().err
+    missing = str(tmp_path / "absent.json")
+    assert launch.main(["--config", missing]) == 2
+    assert f"error: {missing}:" in capsys.readouterr().err
+
+
+def test_demo_runs_the_local_example_values():
+    spec = demo.local_spec()
+    assert spec == load_values(ROOT / "manifests" / "examples" / "local.yaml")
+    assert spec.engine == "cpu-standin" and spec.sync.backend == "gloo"
+    assert spec.engines == 2 and spec.world_size == 3
+    assert demo.local_spec(["job.steps=5"]).job.steps == 5
+
+
+@pytest.mark.slow
+def test_rollfleet_demo_passes_end_to_end(tmp_path):
+    """`rollfleet demo` as a user runs it: local Ray, 2 stand-in engines, smoke trainer, 3 pushes."""
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}  # ignored: the demo starts its own local Ray
+    proc = subprocess.run([sys.executable, "-m", "rollfleet.cli", "demo"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=400)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert "CPU STAND-IN" in out
+    assert ": PASS" in out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("ROLLFLEET_RESULT ")]
+    rows = json.loads(line.removeprefix("ROLLFLEET_RESULT "))
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["version"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["checksums_ok"] is True, r
+        assert r["outputs_changed"] is True and r["versions_stamped"] is True, r
+        assert r["bytes"] > 0 and r["buckets"] >= 1

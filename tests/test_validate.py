@@ -1,0 +1,142 @@
+"""validate.py: the KubeRay CRDs made strict, and kubernetes-validate strict for built-in kinds."""
+
+from __future__ import annotations
+
+import copy
+
+import jsonschema
+import pytest
+
+from conftest import EXAMPLES
+from rollfleet.render import load_values, render_objects
+from rollfleet.spec import load_spec
+from rollfleet.validate import crd_validator, crds_dir, make_strict, validate_object, validate_objects
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.stem)
+def test_every_example_validates_strictly(crds, example):
+    objs = render_objects(load_values(example))
+    assert {o["kind"] for o in objs} <= {"ConfigMap", "RayJob", "RayCluster"}
+    assert validate_objects(objs, crds) == []
+
+
+@pytest.mark.parametrize("values", [
+    pytest.param({}, id="defaults"),
+    pytest.param({"job": {"enabled": False}}, id="raycluster"),
+    pytest.param({"job": {"submissionMode": "HTTPMode", "activeDeadlineSeconds": 60,
+                          "shutdownAfterJobFinishes": False}}, id="job-options"),
+    pytest.param({"image": {"digest": "sha256:" + "f" * 64, "pullSecrets": ["a"]},
+                  "head": {"nodeSelector": {"n": "x"}, "tolerations": [{"key": "k", "effect": "NoSchedule"}]},
+                  "pools": {"trainer": {"rdma": {"enabled": True}, "labels": {"a": "b"}, "annotations": {"c": "d"},
+                                        "tolerations": [{"key": "t", "operator": "Equal", "value": "v"}]}},
+                  "model": {"hfTokenSecret": {"name": "hf"}}}, id="every-optional-block"),
+])
+def test_spec_variants_validate_strictly(crds, values):
+    assert validate_objects(render_objects(load_spec(values)), crds) == []
+
+
+def _job(crds_path):
+    objs = render_objects(load_spec({"name": "broken"}))
+    job = copy.deepcopy(objs[1])
+    assert validate_object(job, crds_path) == []
+    return job
+
+
+def test_unknown_field_in_a_worker_group_is_reported_with_its_path(crds):
+    job = _job(crds)
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["replica"] = 2
+    (problem,) = validate_object(job, crds)
+    assert problem.startswith("RayJob/broken: spec.rayClusterSpec.workerGroupSpecs.1: ")
+    assert "'replica' was unexpected" in problem
+
+
+def test_unknown_field_deep_in_a_pod_template_is_reported(crds):
+    job = _job(crds)
+    container = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    container["resource"] = {}
+    (problem,) = validate_object(job, crds)
+    assert "spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0" in problem
+    assert "'resource'" in problem
+
+
+def test_wrong_type_is_reported_with_its_path(crds):
+    job = _job(crds)
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] = 0  # must be a string
+    problems = validate_object(job, crds)
+    assert any(p.startswith("RayJob/broken: spec.rayClusterSpec.workerGroupSpecs.0.replicas: ") and "'two'" in p
+               for p in problems), problems
+    assert any("spec.rayClusterSpec.headGroupSpec.rayStartParams.num-gpus: " in p for p in problems), problems
+    assert len(problems) == 2
+
+
+def test_wrong_api_version_is_reported():
+    job = render_objects(load_spec({"name": "v"}))[1]
+    job["apiVersion"] = "ray.io/v1alpha1"
+    assert validate_object(job) == ["RayJob/v: apiVersion 'ray.io/v1alpha1' is not ray.io/v1"]
+
+
+def test_broken_raycluster_is_reported(crds):
+    cluster = render_objects(load_spec({"name": "c", "job": {"enabled": False}}))[1]
+    cluster["spec"]["upgradeStrategy"] = {"type": "Sometimes"}
+    (problem,) = validate_object(cluster, crds)
+    assert problem.startswith("RayCluster/c: spec.upgradeStrategy.type: ")
+
+
+def test_configmap_is_checked_by_kubernetes_strict():
+    cm = render_objects(load_spec({"name": "cm"}))[0]
+    assert validate_object(cm) == []
+    unknown = copy.deepcopy(cm)
+    unknown["spec"] = {}
+    (problem,) = validate_object(unknown)
+    assert problem.startswith("ConfigMap/cm-config: (root): ") and "spec" in problem
+    wrong = copy.deepcopy(cm)
+    wrong["data"]["fleet.json"] = 42
+    (problem,) = validate_object(wrong)
+    assert problem.startswith("ConfigMap/cm-config: data.fleet.json: ")
+
+
+def test_metadata_is_left_to_the_api_server(crds):
+    job = _job(crds)
+    job["metadata"]["annotations"] = {"a": "b"}
+    job["metadata"]["finalizers"] = ["x"]
+    assert validate_object(job, crds) == []
+
+
+def test_make_strict_closes_objects_with_properties():
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                                               "items": {"type": "array", "items": {
+                                                   "type": "object", "properties": {"c": {"type": "integer"}}}}}}
+    strict = make_strict(schema)
+    assert strict["additionalProperties"] is False
+    assert strict["properties"]["a"]["additionalProperties"] is False
+    assert strict["properties"]["items"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the input is not modified
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"a": {"b": "x", "typo": 1}}, strict)
+
+
+def test_make_strict_leaves_preserve_unknown_fields_open():
+    schema = {"type": "object", "properties": {
+        "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"k": {}}},
+        "map": {"type": "object", "additionalProperties": {"type": "string"}, "properties": {"k": {}}},
+    }}
+    strict = make_strict(schema)
+    assert "additionalProperties" not in strict["properties"]["open"]
+    assert strict["properties"]["map"]["additionalProperties"] == {"type": "string"}
+    jsonschema.validate({"open": {"k": 1, "anything": {"goes": True}}, "map": {"x": "y"}}, strict)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"map": {"x": 1}}, strict)
+
+
+def test_crd_validator_is_strict_at_the_top(crds):
+    validator = crd_validator("RayJob", str(crds))
+    assert validator.schema["additionalProperties"] is False
+    assert validator.schema["properties"]["spec"]["additionalProperties"] is False
+
+
+def test_crds_dir_honours_the_environment(crds, monkeypatch, tmp_path):
+    monkeypatch.setenv("ROLLFLEET_CRDS_DIR", str(crds))
+    assert crds_dir() == crds
+    monkeypatch.setenv("ROLLFLEET_CRDS_DIR", str(tmp_path))  # empty: not taken, the next candidate is
+    assert crds_dir() != tmp_path
