@@ -18,7 +18,7 @@ export ROLLFLEET_CRDS_DIR := $(abspath $(CRDS_DIR))
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 LOCAL_TORCH := $(firstword $(foreach d,$(FIND_LINKS),$(wildcard $(d)/torch-*.whl)))
 
-.PHONY: help venv test demo render manifests schema crds lint lock images deploy status down kind-smoke clean
+.PHONY: help venv test test-image demo render manifests schema crds lint lock images deploy status down kind-smoke clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,8 +31,11 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed ## create .venv with rollfleet, the CPU runtime and the test tools
 
-test: venv ## run the test suite (CPU; GPU tests skip without CUDA)
-	$(BIN)/python -m pytest -q
+test: venv ## run the test suite (CPU; GPU tests skip without CUDA; the image stand-in build is `make test-image`)
+	$(BIN)/python -m pytest -q -m "not image_build"
+
+test-image: venv ## the buildah stand-in build of the runtime image, as a test (root, buildah, debootstrap)
+	$(BIN)/python -m pytest -q -m image_build tests/test_image.py
 
 demo: venv ## the embedded default: the runtime on a local Ray, CPU stand-in engines, 3 GRPO-shaped steps
 	$(BIN)/rollfleet demo

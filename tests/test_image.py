@@ -220,7 +220,7 @@ def test_check_image_reads_the_lock(pins):
     assert len(pins) == len(re.findall(r"^\S+==", LOCK.read_text(), re.M))
 
 
-@pytest.mark.slow
+@pytest.mark.image_build
 def test_standin_build_proves_user_layout_and_probes():
     """`make image-standin`: builds the Dockerfile's stages with buildah on a locally made base."""
     if not all(shutil.which(t) for t in ("buildah", "debootstrap", "patchelf")) or os.geteuid() != 0:
