@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from rollfleet import kube
+from rollfleet.runtime import bench, demo
 from rollfleet.spec import SpecError
 
 USAGE_ERROR = 2
@@ -69,20 +71,14 @@ def cmd_schema(args) -> int:
 
 
 def cmd_kube(args) -> int:
-    from rollfleet import kube
-
     return kube.main(args)
 
 
 def cmd_demo(args) -> int:
-    from rollfleet.runtime import demo
-
     return demo.main(args)
 
 
 def cmd_bench(args) -> int:
-    from rollfleet.runtime import bench
-
     return bench.main(args)
 
 
@@ -103,20 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the values JSON Schema (the chart's values.schema.json)")
     p.set_defaults(func=cmd_schema)
 
-    try:
-        from rollfleet import kube
-    except ImportError:
-        kube = None
-    if kube is not None:
-        kube.add_commands(sub, _values_args, cmd_kube)
-
-    try:
-        from rollfleet.runtime import bench, demo
-    except ImportError:
-        demo = bench = None
-    if demo is not None:
-        demo.add_command(sub, cmd_demo)
-        bench.add_command(sub, cmd_bench)
+    kube.add_commands(sub, _values_args, cmd_kube)
+    demo.add_command(sub, cmd_demo)
+    bench.add_command(sub, cmd_bench)
     return parser
 
 

@@ -216,14 +216,15 @@ class WeightSender:
         acks = [e.receive.remote(plan) for e in self.fleet.engines]
         what = f"push v{self.version}"
         try:
-            sent = sync.send(plan, [t for _, t in items], self.transport, deadline)
+            sent = sync.send(plan, [t for _, t in items], self.transport, deadline, lambda: first_failure(acks))
             send_seconds = time.perf_counter() - t0
         except sync.SyncError as exc:
             # name the engine that broke the group, if Ray already knows
             gather_deadline = time.monotonic() + min(5.0, self.timeout_s)
             while time.monotonic() < gather_deadline and not first_failure(acks):
                 time.sleep(0.05)
-            raise sync.SyncError(f"{exc}; {first_failure(acks) or 'no engine reported an error'}") from None
+            culprit = first_failure(acks) or "no engine reported an error"
+            raise sync.SyncError(str(exc) if culprit in str(exc) else f"{exc}; {culprit}") from None
         results = gather(acks, deadline, what, f"sync.timeoutSeconds={self.timeout_s}")
         seconds = time.perf_counter() - t0
         ok = None
@@ -231,9 +232,9 @@ class WeightSender:
             for r in results:
                 for tp_rank, sums in enumerate(r["checksums"]):
                     if sums != sent:
-                        bad = next(k for k, (a, b) in enumerate(zip(sums, sent)) if a != b) if len(sums) == len(sent) else "count"
+                        buckets = [k for k, (a, b) in enumerate(zip(sums, sent)) if a != b] or "count"
                         raise sync.SyncError(f"{what}: engine {r['engine']} TP rank {tp_rank} checksum mismatch "
-                                             f"in bucket {bad}; the transport corrupted data")
+                                             f"in bucket(s) {buckets}; the transport corrupted data")
             ok = True
         profile = tuple({k: round(v, 5) for k, v in r.items() if k.endswith("seconds")} for r in results)
         return PushStats(self.version, plan.total_bytes, len(plan.buckets), seconds, len(results), ok,

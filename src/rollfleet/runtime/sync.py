@@ -140,7 +140,9 @@ class Transport:
         """A handle for the work enqueued so far on the compute stream (None on CPU)."""
         return None
 
-    def finish(self, handles: list[Any], deadline: float, what: str) -> None:
+    def finish(self, handles: list[Any], deadline: float, what: str,
+               failed: Callable[[], str | None] = lambda: None) -> None:
+        """Wait until every handle completed; `failed()` names a peer known to be dead."""
         for h in handles:
             self.ready(h, deadline, what)
 
@@ -190,12 +192,19 @@ class NcclTransport(Transport):
     def mark(self):
         return torch.cuda.current_stream(self.device).record_event()
 
-    def finish(self, handles, deadline, what):
+    def finish(self, handles, deadline, what, failed=lambda: None):
+        checked = time.monotonic()
         for h in handles:
-            while not h.query():  # poll: a dead peer must surface as a timeout, not a hang
-                if time.monotonic() > deadline:
+            while not h.query():  # poll: a dead peer must surface as an error, never a hang
+                now = time.monotonic()
+                if now > deadline:
                     raise SyncError(f"{what}: NCCL did not complete before the deadline "
                                     f"(sync.timeoutSeconds); the group is broken, restart the fleet")
+                if now - checked > 0.05:
+                    checked = now
+                    problem = failed()
+                    if problem:
+                        raise SyncError(f"{what}: {problem}; the group is broken, restart the fleet")
                 time.sleep(0.0002)
 
 
@@ -286,8 +295,10 @@ def join(backend: str, host: str, port: int, rank: int, world_size: int, device:
 # The data path.
 
 
-def send(plan: Plan, tensors: list[torch.Tensor], transport: Transport, deadline: float) -> list[int]:
-    """Rank 0: pack bucket k+1 while bucket k is on the wire (two buffers). Returns checksums."""
+def send(plan: Plan, tensors: list[torch.Tensor], transport: Transport, deadline: float,
+         failed: Callable[[], str | None] = lambda: None) -> list[int]:
+    """Rank 0: pack bucket k+1 while bucket k is on the wire (two buffers). Returns checksums.
+    `failed()` is polled while waiting on the GPU, so a dead receiver ends the wait early."""
     device = transport.device
     cuda = device.type == "cuda"
     buffers = [torch.empty(plan.buffer_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
@@ -314,7 +325,7 @@ def send(plan: Plan, tensors: list[torch.Tensor], transport: Transport, deadline
                 sums.append(checksum(buf))
             packed = pack_stream.record_event() if cuda else None
         sent.append(transport.broadcast(buf, after=packed))
-    transport.finish(sent, deadline, f"push v{plan.version}")
+    transport.finish(sent, deadline, f"push v{plan.version}", failed)
     return [int(s) for s in sums]
 
 
