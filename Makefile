@@ -49,7 +49,7 @@ manifests: venv ## regenerate the golden renders of every example (manifests/ren
 schema: venv ## regenerate charts/rollfleet/values.schema.json from the spec model
 	$(BIN)/rollfleet schema > charts/rollfleet/values.schema.json
 
-crds: ## download the KubeRay $(KUBERAY_VERSION) CRDs into .cache/ (CI reads ../shared instead)
+crds: ## download the KubeRay v1.7.0 CRDs into .cache/ (CI reads ../shared instead)
 	mkdir -p .cache/kuberay-$(KUBERAY_VERSION)/crds
 	for k in rayclusters rayjobs; do curl -fsSL -o .cache/kuberay-$(KUBERAY_VERSION)/crds/ray.io_$$k.yaml \
 	  https://raw.githubusercontent.com/ray-project/kuberay/$(KUBERAY_VERSION)/ray-operator/config/crd/bases/ray.io_$$k.yaml; done
