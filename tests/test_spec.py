@@ -325,3 +325,11 @@ def test_json_schema_rejects_a_bad_quantity(quantity):
     validator = jsonschema.Draft7Validator(json_schema())
     assert not validator.is_valid({"pools": {"trainer": {"memory": quantity}}})
     assert validator.is_valid({"pools": {"trainer": {"memory": "64Gi"}}})
+
+
+def test_values_take_camel_case_keys_only_like_the_chart_schema():
+    """Python code may build models by field name, but a values file is camelCase (Helm's schema too)."""
+    with pytest.raises(SpecError) as exc:
+        load_spec({"pools": {"inference": {"gpus_per_node": 2}}})
+    assert exc.value.problems == [
+        "pools.inference.gpus_per_node: unknown key; did you mean 'pools.inference.gpusPerNode'?"]

@@ -346,7 +346,8 @@ def _format(err: dict) -> str:
 def load_spec(values: dict[str, Any] | None) -> FleetSpec:
     """Validate plain values (from YAML/JSON) into a FleetSpec, or raise SpecError with one line per problem."""
     try:
-        return FleetSpec.model_validate(values or {})
+        # values files use the camelCase keys only (as Helm's schema does); Python code may use names
+        return FleetSpec.model_validate(values or {}, by_alias=True, by_name=False)
     except ValidationError as exc:
         errors = exc.errors()
         # a misspelt required key is one problem: keep "unknown key; did you mean", drop "Field required"
