@@ -101,24 +101,24 @@ def _body(stmts: list[ast.stmt]) -> Iterator[ast.stmt]:
             yield s
 
 
-def _names(target: ast.expr) -> Iterator[str]:
-    if isinstance(target, ast.Name):
-        yield target.id
-    elif isinstance(target, (ast.Tuple, ast.List)):
-        for t in target.elts:
-            yield from _names(t)
-    elif isinstance(target, ast.Starred):
-        yield from _names(target.value)
+def _targets(node: ast.AST, leaf) -> Iterator[str]:
+    """Names bound by an assignment target (through tuples, lists, starred), as picked by `leaf`."""
+    if isinstance(node, (ast.Tuple, ast.List)):
+        for t in node.elts:
+            yield from _targets(t, leaf)
+    elif isinstance(node, ast.Starred):
+        yield from _targets(node.value, leaf)
+    else:
+        yield from leaf(node)
+
+
+def _names(target: ast.AST) -> Iterator[str]:
+    return _targets(target, lambda n: [n.id] if isinstance(n, ast.Name) else [])
 
 
 def _self_targets(node: ast.AST) -> Iterator[str]:
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
-        yield node.attr
-    elif isinstance(node, (ast.Tuple, ast.List)):
-        for t in node.elts:
-            yield from _self_targets(t)
-    elif isinstance(node, ast.Starred):
-        yield from _self_targets(node.value)
+    return _targets(node, lambda n: [n.attr] if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                    and n.value.id == "self" else [])
 
 
 class Package:

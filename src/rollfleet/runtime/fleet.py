@@ -40,7 +40,7 @@ class PushStats:
     engines: int
     checksums_ok: bool | None  # None when sync.verifyChecksums is off
     send_seconds: float = 0.0  # rank 0's data path: pack + broadcast until the last bucket left
-    acks: tuple = ()  # per engine: worker/receive/reset seconds (the push profile)
+    profile: tuple = ()  # per engine: worker / receive RPC / reset seconds
 
     @property
     def gbps(self) -> float:
