@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rollfleet.runtime.demo import RAY_ENV  # the env Ray and HF need here, set before any `import ray`
+from rollfleet.demo import RAY_ENV  # the env Ray and HF need here, set before any `import ray`
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "manifests" / "examples").glob("*.yaml"))

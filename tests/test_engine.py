@@ -1,5 +1,6 @@
-"""engine.py without Ray: the CPU stand-in engine, sampling params, start errors, and EngineActor's
-lock discipline (health never waits for generate / receive)."""
+"""engine.py without Ray: EngineActor on the real CPU stand-in core, its loop and its threads, with a
+trainer rank 0 on this thread pushing over gloo. Requests, results, versions, the three in-flight
+policies, a failed push, health during all of it, and start errors."""
 
 from __future__ import annotations
 
@@ -9,164 +10,278 @@ import time
 import pytest
 import torch
 
-from rollfleet.runtime import demo, sync, tiny
-from rollfleet.runtime.engine import (EngineActor, EngineStartError, StandinEngine, _start_error,
-                                      sampling_defaults)
+from rollfleet import demo
+from rollfleet.runtime import sync, tiny
+from rollfleet.runtime.engine import EngineActor, EngineStartError, _start_error, vllm_sampling
+from rollfleet.runtime.rollout import Request, sampling_params
 from rollfleet.spec import load_spec, runtime_config
 
-PROMPTS = ["The answer to the question is", "hello world, the model says", "One two three four"]
+HOST = "127.0.0.1"
+CLIENT = "test"
+LONG = {"temperature": 0.0, "max_tokens": 150, "ignore_eos": True}
+
+
+def make_actor(*sets: str, index: int = 0) -> EngineActor:
+    actor = EngineActor(runtime_config(demo.local_spec(["pools.inference.gpusPerNode=1", "sync.timeoutSeconds=20",
+                                                        *sets])), index, str(tiny.ensure()))
+    actor.start()
+    return actor
 
 
 @pytest.fixture(scope="module")
-def spec():
-    return demo.local_spec()
+def actor():
+    a = make_actor()
+    yield a
+    a.stop()
 
 
-@pytest.fixture(scope="module")
-def model_dir() -> str:
-    return str(tiny.ensure())
+def submit(actor, *requests: Request, client: str = CLIENT) -> list[str]:
+    ids = [f"{client}-{time.monotonic_ns()}-{i}" for i in range(len(requests))]
+    actor.submit(client, [r.wire(i) for r, i in zip(requests, ids)])
+    return ids
 
 
-@pytest.fixture(scope="module")
-def engine(spec, model_dir) -> StandinEngine:
-    return StandinEngine(spec, model_dir)
+def collect(actor, count: int, client: str = CLIENT, timeout_s: float = 60) -> list[dict]:
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < count:
+        assert time.monotonic() < deadline, f"only {len(out)} of {count} results: {actor.health()}"
+        out.extend(actor.poll(client, 0.5))
+    return out
 
 
-@pytest.fixture
-def pristine(engine):
-    """Restore the engine's weights and clear its cache after a test that changes them."""
-    saved = {n: p.detach().clone() for n, p in engine.params.items()}
-    yield engine
-    engine.load_weights(list(saved.items()))
-    engine.reset_prefix_cache()
+def wait_for(predicate, what: str, timeout_s: float = 30):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.01)
 
 
-def _greedy(max_tokens: int = 8) -> dict:
-    return sampling_defaults({"max_tokens": max_tokens})
+class Rank0:
+    """The trainer side of the sync group, here: joins the engine(s) and pushes over gloo."""
+
+    def __init__(self, *actors: EngineActor):
+        world = 1 + len(actors)
+        store, port = sync.open_store(HOST, world, 20)
+        joins = [threading.Thread(target=a.join, args=(HOST, port, world)) for a in actors]
+        for t in joins:
+            t.start()
+        sync.wait_joined(store, world, 1, 20)
+        self.transport = sync.with_deadline(
+            lambda: sync.make_transport("gloo", store, 0, world, torch.device("cpu"), 20), 20, "rank 0")
+        for t in joins:
+            t.join(20)
+        self.store, self.actors, self.version = store, actors, 0
+
+    def push(self, tensors, send: bool = True) -> list[dict]:
+        self.version += 1
+        push = sync.Push(self.version, 1 << 20, True, self.actors[0].spec.sync.inflight)
+        acks: dict[int, object] = {}
+
+        def receive(i, a):
+            try:
+                acks[i] = a.receive(push)
+            except BaseException as exc:
+                acks[i] = exc
+
+        threads = [threading.Thread(target=receive, args=(i, a)) for i, a in enumerate(self.actors)]
+        for t in threads:
+            t.start()
+        if send:
+            sent = sync.send(push, tensors, self.transport, time.monotonic() + 20)
+        for t in threads:
+            t.join(40)
+        if send:
+            for ack in acks.values():
+                assert not isinstance(ack, BaseException), ack
+                assert ack["checksums"] == [sent.checksums]
+        return [acks[i] for i in range(len(self.actors))]
 
 
-def _ids(outs) -> list[list[int]]:
-    return [[s["token_ids"] for s in samples] for samples in outs]
+def weights(seed: int) -> list[tuple[str, torch.Tensor]]:
+    from transformers import AutoModelForCausalLM
 
-
-def _perturbed(engine: StandinEngine, seed: int) -> list[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(n, p.detach() + 0.5 * torch.randn(p.shape, generator=g)) for n, p in engine.params.items()]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny.ensure()), dtype=torch.float32)
+    return [(n, p.detach() + (0.3 * torch.randn(p.shape, generator=g) if seed else 0))
+            for n, p in model.named_parameters()]
 
 
-# ---------------------------------------------------------------------------------------------
-# sampling params
+def samples_of(results: list[dict]) -> list[dict]:
+    return [s for r in results for s in r["samples"]]
 
 
-def test_sampling_defaults_fill_in_and_keep_overrides():
-    assert sampling_defaults(None) == {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": 32, "seed": None}
-    assert sampling_defaults({"n": 4, "temperature": 1.0})["n"] == 4
-    assert sampling_defaults({"n": 4, "temperature": 1.0})["max_tokens"] == 32
+def assert_each_sample_once(results: list[dict], n: int) -> None:
+    for r in results:
+        assert "error" not in r, r
+        assert [s["index"] for s in r["samples"]] == list(range(n)), r["id"]
 
 
-def test_sampling_defaults_reject_unknown_params():
-    with pytest.raises(ValueError, match=r"\['top_k'\] not supported"):
-        sampling_defaults({"top_k": 5, "n": 2})
+# ---- requests and results ----------------------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------
-# The stand-in engine
+def test_results_arrive_in_completion_order_and_each_is_complete(actor):
+    long_id, = submit(actor, Request(prompt="The answer to the question is", params={**LONG, "n": 2}))
+    wait_for(lambda: actor.health()["running_samples"] == 2, "the long request running")
+    short_id, = submit(actor, Request(prompt_token_ids=[5, 6, 7], params={"n": 3, "max_tokens": 4,
+                                                                           "ignore_eos": True, "seed": 1}))
+    results = collect(actor, 2)
+    assert [r["id"] for r in results] == [short_id, long_id]
+    short, long = results
+    assert short["prompt_token_ids"] == [5, 6, 7] and short["engine"] == 0
+    assert_each_sample_once([short], 3)
+    assert_each_sample_once([long], 2)
+    assert all(len(s["token_ids"]) == 4 for s in short["samples"])
+    assert all(len(s["token_ids"]) == 150 and s["finish_reason"] == "length" for s in long["samples"])
+    assert all(s["admitted_version"] == s["completed_version"] == 0 for s in samples_of(results))
 
 
-def test_greedy_generate_is_deterministic_and_exactly_max_tokens(engine):
-    first = engine.generate(PROMPTS, _greedy(8))
-    engine.reset_prefix_cache()  # recompute, not the memo
-    second = engine.generate(PROMPTS, _greedy(8))
-    assert _ids(first) == _ids(second)
-    assert len(first) == len(PROMPTS)
-    for samples in first:
-        assert len(samples) == 1 and len(samples[0]["token_ids"]) == 8
-        assert isinstance(samples[0]["text"], str)
+def test_text_token_ids_and_chat_messages_become_the_prompt_token_ids(actor):
+    tok = actor.core.tokenizer
+    messages = [{"role": "user", "content": "red green blue"}]
+    ids = submit(actor, Request(prompt="red green blue", params={"max_tokens": 2}),
+                 Request(messages=messages, params={"max_tokens": 2}))
+    by_id = {r["id"]: r for r in collect(actor, 2)}
+    assert by_id[ids[0]]["prompt_token_ids"] == tok("red green blue")["input_ids"]
+    chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.startswith("<|im_start|>user\nred green blue")
+    assert by_id[ids[1]]["prompt_token_ids"] == tok(chat, add_special_tokens=False)["input_ids"]
 
 
-def test_sampling_returns_n_samples_and_a_seed_reproduces_them(engine):
-    params = sampling_defaults({"n": 3, "temperature": 1.0, "max_tokens": 6, "seed": 7})
-    cached = dict(engine.prefix_cache)
-    a = engine.generate(PROMPTS[:2], params)
-    b = engine.generate(PROMPTS[:2], params)
-    assert [len(s) for s in a] == [3, 3]
-    assert _ids(a) == _ids(b)
-    assert len({tuple(ids) for samples in _ids(a) for ids in samples}) > 1  # it did sample
-    assert engine.prefix_cache == cached  # sampled outputs are never memoized
+def test_a_prompt_longer_than_the_model_is_an_error_result_naming_max_model_len(actor):
+    rid, = submit(actor, Request(prompt_token_ids=[5] * 300))
+    (result,) = collect(actor, 1)
+    assert result["id"] == rid and "model.maxModelLen is 256" in result["error"]
 
 
-def test_prefix_cache_goes_stale_on_a_weight_update_until_reset(pristine):
-    engine = pristine
-    before = engine.generate(PROMPTS, _greedy())
-    assert engine.prefix_cache  # greedy outputs are memoized, like vLLM's KV prefix cache
-    engine.load_weights(_perturbed(engine, 0))
-    stale = engine.generate(PROMPTS, _greedy())
-    assert _ids(stale) == _ids(before)  # the memo still answers with the old weights' outputs
-    assert engine.reset_prefix_cache() is True
-    assert engine.prefix_cache == {}
-    fresh = engine.generate(PROMPTS, _greedy())
-    assert _ids(fresh) != _ids(before)  # outputs now reflect the loaded weights
+def test_health_answers_while_the_engine_loop_is_busy(actor):
+    actor.loop.call_soon_threadsafe(time.sleep, 2)  # the loop is blocked for 2 s
+    t0 = time.monotonic()
+    h = actor.health()
+    assert time.monotonic() - t0 < 0.5 and h["engine"] == 0 and h["state"] in ("idle", "generating")
 
 
-def test_outputs_follow_the_loaded_weights(pristine):
-    engine = pristine
-    original = [(n, p.detach().clone()) for n, p in engine.params.items()]
-    base = _ids(engine.generate(PROMPTS, _greedy()))
-    engine.load_weights(_perturbed(engine, 1))
-    engine.reset_prefix_cache()
-    assert _ids(engine.generate(PROMPTS, _greedy())) != base
-    engine.load_weights(original)
-    engine.reset_prefix_cache()
-    assert _ids(engine.generate(PROMPTS, _greedy())) == base  # same weights, same outputs
+def test_cancel_drops_a_clients_requests(actor):
+    submit(actor, Request(prompt="hello", params={**LONG, "max_tokens": 250}), client="gone")
+    wait_for(lambda: actor.health()["running_samples"] == 1, "running")
+    actor.cancel("gone")
+    assert actor.health()["running_samples"] == 0 and actor.poll("gone", 0.1) == []
 
 
-def test_load_weights_copies_values_into_the_parameters(pristine):
-    engine = pristine
-    name, p = next(iter(engine.params.items()))
-    new = torch.full_like(p, 0.25)
-    engine.load_weights([(name, new)])
-    assert torch.equal(engine.params[name].detach(), new)
-    sums = engine.param_sums([name, "not.a.param"])
-    assert sums == [{name: float(new.double().sum())}]  # unknown names are skipped, one dict per TP rank
+# ---- pushes under each in-flight policy --------------------------------------------------------
 
 
-def test_load_weights_unknown_name_is_a_key_error_naming_it(engine):
-    with pytest.raises(KeyError, match="model.layers.99.mlp.up_proj.weight"):
-        engine.load_weights([("model.layers.99.mlp.up_proj.weight", torch.zeros(1))])
+def test_wait_drains_in_flight_samples_on_the_old_weights_then_admits_on_the_new(actor):
+    rank0 = Rank0(actor)
+    submit(actor, Request(prompt="One two three four", params={**LONG, "n": 2}))
+    wait_for(lambda: actor.health()["running_samples"] == 2, "running")
+    (ack,) = rank0.push(weights(1))
+    late, = submit(actor, Request(prompt="hello", params={"max_tokens": 3}))
+    results = collect(actor, 2)
+    assert ack["policy"] == "wait" and ack["in_flight"] == 2 and ack["drain_seconds"] > 0
+    assert ack["paused_seconds"] >= ack["drain_seconds"]
+    first, second = results
+    assert_each_sample_once([first], 2)
+    assert all(s["admitted_version"] == s["completed_version"] == 0 for s in first["samples"])
+    assert second["id"] == late and second["samples"][0]["admitted_version"] == 1
+    assert actor.health()["weight_version"] == 1
+    rank0.push(weights(0))  # back to the original weights for the other tests
 
 
-def test_standin_join_and_receive_over_gloo_load_the_pushed_weights(pristine):
-    """The engine side of a push (join as rank 1, receive, load) against a trainer rank 0 here."""
-    engine = pristine
-    pushed = _perturbed(engine, 2)
-    plan = sync.plan_buckets(pushed, 64 << 10, 5, verify=True)  # 64 KiB buckets: several of them
-    assert len(plan.buckets) >= 3
-    store, port = sync.open_store("127.0.0.1", 2, 10)
-    box: dict = {}
-
-    def engine_side():
-        try:
-            box["ranks"] = engine.join("127.0.0.1", port, 0, 2, 10)
-            box["sums"] = engine.receive(plan, 10)
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=engine_side)
-    t.start()
-    sync.wait_joined(store, 2, 1, 10)
-    sender = sync.with_deadline(lambda: sync.make_transport("gloo", store, 0, 2, torch.device("cpu"), 10), 10,
-                                "rank 0 init")
-    sent = sync.send(plan, [x for _, x in pushed], sender, time.monotonic() + 10)
-    t.join(10)
-    assert "error" not in box, box.get("error")
-    assert box["ranks"] == [1]
-    assert [w["checksums"] for w in box["sums"]] == [sent]  # one TP worker, the sender's checksums
-    for name, want in pushed:
-        assert torch.equal(engine.params[name].detach(), want), name
+def test_abort_resubmits_in_flight_samples_on_the_new_weights_and_none_mixes_versions():
+    actor = make_actor("sync.inflight=abort")
+    try:
+        rank0 = Rank0(actor)
+        submit(actor, *[Request(prompt=p, params={**LONG, "n": 3, "temperature": 1.0, "seed": i})
+                        for i, p in enumerate(["The answer", "hello world", "red green"])])
+        wait_for(lambda: actor.health()["running_samples"] == 9, "running")
+        (ack,) = rank0.push(weights(2))
+        results = collect(actor, 3)
+        assert ack["policy"] == "abort" and ack["aborted"] == 9 and actor.health()["aborted"] == 9
+        assert_each_sample_once(results, 3)  # nothing lost, nothing twice
+        assert all(s["admitted_version"] == s["completed_version"] == 1 for s in samples_of(results))
+        assert all(len(s["token_ids"]) == 150 for s in samples_of(results))
+    finally:
+        actor.stop()
 
 
-# ---------------------------------------------------------------------------------------------
-# Start errors tell the user what to change
+def test_keep_freezes_in_flight_samples_across_the_update_and_they_say_so():
+    actor = make_actor("sync.inflight=keep")
+    try:
+        rank0 = Rank0(actor)
+        baseline = submit(actor, Request(prompt="the cat and the dog", params=LONG))
+        (unchanged,) = collect(actor, 1)
+        submit(actor, Request(prompt="the cat and the dog", params=LONG))
+        wait_for(lambda: actor.core.running and len(actor.core.running[0].tokens[0]) > 20, "20 tokens in")
+        (ack,) = rank0.push(weights(3))
+        (spanning,) = collect(actor, 1)
+        s = spanning["samples"][0]
+        assert ack["policy"] == "keep" and ack["in_flight"] == 1 and ack["aborted"] == 0
+        assert (s["admitted_version"], s["completed_version"]) == (0, 1)
+        old = unchanged["samples"][0]["token_ids"]
+        assert s["token_ids"][:20] == old[:20] and s["token_ids"] != old  # old weights first, new after
+        assert baseline
+    finally:
+        actor.stop()
+
+
+def test_a_failed_push_fails_the_requests_and_health_reports_the_broken_group():
+    actor = make_actor("sync.timeoutSeconds=2")
+    try:
+        rank0 = Rank0(actor)
+        box: dict = {}
+        pushing = threading.Thread(target=lambda: box.update(ack=rank0.push([], send=False)))
+        pushing.start()  # rank 0 never sends: the receive times out
+        wait_for(lambda: actor.health()["state"] == "receiving", "receiving")
+        queued, = submit(actor, Request(prompt="hello"))  # admission is closed during a push: it waits
+        pushing.join(30)
+        (ack,) = box["ack"]
+        assert isinstance(ack, sync.SyncError) and "engine 0: push v1 failed" in str(ack)
+        h = actor.health()
+        assert h["state"] == "failed" and h["sync_group"].startswith("broken")
+        assert "form it again" in h["last_error"] and h["weight_version"] == 0
+        (result,) = collect(actor, 1)
+        assert result["id"] == queued and "push v1 failed" in result["error"]
+        late, = submit(actor, Request(prompt="hello"))
+        (refused,) = collect(actor, 1)
+        assert refused["id"] == late and "weights are undefined" in refused["error"]
+    finally:
+        actor.stop()
+
+
+class _NoReset:
+    """A core whose prefix-cache reset fails (what vLLM reports while blocks are still in use)."""
+
+    kind = "fake"
+
+    async def receive(self, push, timeout_s):
+        return [{"checksums": [], "seconds": 0.0}]
+
+    async def reset_prefix_cache(self, reset_running_requests=False):
+        return False
+
+
+def test_a_prefix_cache_reset_that_fails_is_an_error_and_the_version_is_not_stamped():
+    from rollfleet.runtime.engine import Scheduler
+
+    actor = EngineActor(runtime_config(demo.local_spec()), 2, "unused")
+    actor.core = _NoReset()
+    actor.sched = Scheduler(2, actor.spec, actor.core)
+    with pytest.raises(sync.SyncError, match=r"engine 2: reset_prefix_cache\(\) returned False after push v3"):
+        actor.receive(sync.Push(3, 1 << 20, True))
+    assert actor.health()["weight_version"] == 0 and "stale KV" in actor.health()["last_error"]
+
+
+# ---- vLLM's sampling params, start errors --------------------------------------------------------
+
+
+def test_vllm_sampling_is_one_engine_request_per_sample_with_its_own_seed():
+    params = sampling_params({"n": 4, "seed": 10, "logprobs": True, "stop": "x", "top_k": 5})
+    kw = vllm_sampling(params, 2)
+    assert kw["n"] == 1 and kw["seed"] == 12 and kw["logprobs"] == 0 and kw["stop"] == ["x"]
+    assert kw["top_k"] == 5 and kw["stop_token_ids"] is None
+    plain = vllm_sampling(sampling_params(None), 0)
+    assert plain["seed"] is None and plain["logprobs"] is None and plain["stop"] is None
 
 
 def test_start_error_for_cuda_oom_names_gpu_memory_utilization():
@@ -178,158 +293,26 @@ def test_start_error_for_cuda_oom_names_gpu_memory_utilization():
         assert "vllm.gpuMemoryUtilization" in msg and "0.8 or 0.7" in msg and "(now 0.9)" in msg
 
 
-def test_start_error_for_missing_vllm_points_to_the_cpu_standin():
-    exc = ModuleNotFoundError("No module named 'vllm'", name="vllm")
-    msg = str(_start_error(load_spec({}), 1, exc))
-    assert msg.startswith("engine 1:") and "cpu-standin" in msg and "vLLM is not installed" in msg
-
-
 def test_start_error_otherwise_keeps_the_cause():
     msg = str(_start_error(load_spec({}), 0, OSError("model.safetensors not found")))
     assert msg == "engine 0: failed to start: OSError: model.safetensors not found"
-    assert "cpu-standin" not in msg and "gpuMemoryUtilization" not in msg
 
 
-def test_engine_actor_start_failure_is_translated_and_recorded(model_dir):
+def test_engine_actor_start_failure_is_translated_and_recorded():
     try:  # vLLM is absent on a CPU machine: the ImportError path is real, not simulated
         import vllm  # noqa: F401
         pytest.skip("vLLM is installed here; this checks the message when it is not")
     except ImportError:
         pass
-    actor = EngineActor(runtime_config(load_spec({})), 2, model_dir)  # engine: vllm
+    actor = EngineActor(runtime_config(load_spec({})), 2, str(tiny.ensure()))  # engine: vllm
     with pytest.raises(EngineStartError, match="engine 2: vLLM is not installed.*cpu-standin"):
         actor.start()
     health = actor.health()
     assert health["state"] == "failed" and "vllm" in health["last_error"]
 
 
-def test_engine_actor_start_failure_for_a_missing_model(spec, tmp_path):
-    actor = EngineActor(runtime_config(spec), 0, str(tmp_path / "no-such-model"))
+def test_engine_actor_start_failure_for_a_missing_model(tmp_path):
+    actor = EngineActor(runtime_config(demo.local_spec()), 0, str(tmp_path / "no-such-model"))
     with pytest.raises(EngineStartError, match="engine 0: failed to start"):
         actor.start()
     assert actor.health()["state"] == "failed"
-
-
-# ---------------------------------------------------------------------------------------------
-# EngineActor: the lock, states, versions, prefix reset
-
-
-class FakeEngine:
-    """Blocks in receive/generate until released, and records prefix-cache resets."""
-
-    kind = "fake"
-
-    def __init__(self, reset_result: bool = True):
-        self.release = threading.Event()
-        self.resets = 0
-        self.reset_result = reset_result
-
-    def receive(self, plan, timeout_s):
-        assert self.release.wait(10)
-        return [{"checksums": [123], "seconds": 0.0}]  # one dict per TP worker
-
-    def generate(self, prompts, params):
-        assert self.release.wait(10)
-        return [[{"text": p, "token_ids": [1, 2]}] for p in prompts]
-
-    def reset_prefix_cache(self):
-        self.resets += 1
-        return self.reset_result
-
-
-def _actor(spec, engine, index=1) -> EngineActor:
-    actor = EngineActor(runtime_config(spec), index, "unused")
-    actor.engine = engine
-    return actor
-
-
-def _in_thread(fn, *args):
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, box
-
-
-def _wait_state(actor: EngineActor, state: str, timeout_s: float = 10) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        h = actor.health()
-        if h["state"] == state:
-            return h
-        time.sleep(0.01)
-    raise AssertionError(f"state never became {state!r}: {actor.health()}")
-
-
-def test_health_does_not_take_the_engine_lock(spec):
-    actor = _actor(spec, FakeEngine())
-    with actor.lock:  # as a push or a long generate would hold it
-        t, box = _in_thread(actor.health)
-        t.join(5)
-        assert not t.is_alive(), "health() waited for the engine lock"
-    assert box["value"]["engine"] == 1 and box["value"]["state"] == "created"
-
-
-def test_generate_waits_for_the_lock_and_health_answers_meanwhile(spec):
-    fake = FakeEngine()
-    actor = _actor(spec, fake)
-    actor.version = 4
-    t, box = _in_thread(actor.generate, ["a", "b"], {"max_tokens": 2})
-    h = _wait_state(actor, "generating")  # health answered while generate holds the lock
-    assert h["weight_version"] == 4
-    # a second lock user queues behind the generate
-    t2, box2 = _in_thread(actor.param_sums, ["x"])
-    time.sleep(0.2)
-    assert t2.is_alive()
-    fake.release.set()
-    t.join(5)
-    outs = box["value"]
-    assert [s["weight_version"] for samples in outs for s in samples] == [4, 4]
-    assert [s["engine"] for samples in outs for s in samples] == [1, 1]
-    assert actor.health()["state"] == "idle"
-    t2.join(5)  # FakeEngine has no param_sums: it fails, but only after getting the lock
-    assert isinstance(box2.get("error"), AttributeError)
-
-
-def test_generate_rejects_unknown_params_before_taking_the_lock(spec):
-    actor = _actor(spec, FakeEngine())
-    with actor.lock:
-        t, box = _in_thread(actor.generate, ["a"], {"best_of": 2})
-        t.join(5)
-        assert not t.is_alive()
-    assert isinstance(box["error"], ValueError)
-
-
-def test_receive_loads_resets_the_prefix_cache_and_stamps_the_version(spec):
-    fake = FakeEngine()
-    actor = _actor(spec, fake)
-    plan = sync.Plan(version=7, buckets=(), verify=True)
-    t, box = _in_thread(actor.receive, plan)
-    h = _wait_state(actor, "receiving")  # health answers during a push
-    assert h["weight_version"] == 0 and fake.resets == 0
-    fake.release.set()
-    t.join(5)
-    result = box["value"]
-    assert result["engine"] == 1 and result["version"] == 7 and result["checksums"] == [[123]]
-    assert result["prefix_reset"] is True and fake.resets == 1
-    assert actor.health()["weight_version"] == 7 and actor.health()["state"] == "idle"
-    fake.release.set()
-    outs = actor.generate(["p"], None)
-    assert outs[0][0]["weight_version"] == 7
-
-
-def test_receive_fails_when_the_prefix_cache_reset_fails(spec):
-    fake = FakeEngine(reset_result=False)
-    fake.release.set()
-    actor = _actor(spec, fake, index=2)
-    with pytest.raises(sync.SyncError, match=r"engine 2: reset_prefix_cache\(\) returned False after push v3"):
-        actor.receive(sync.Plan(version=3, buckets=(), verify=True))
-    h = actor.health()
-    assert h["weight_version"] == 0  # not stamped: the engine would serve stale KV
-    assert h["state"] == "idle" and "reset_prefix_cache" in h["last_error"]

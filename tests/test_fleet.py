@@ -1,8 +1,6 @@
-"""fleet.py on a real local Ray: 2 CPU stand-in engines, the sync group over gloo, rank 0 = this process.
-
-One local Ray and one Fleet for the whole module (engine start dominates the cost). The tests share
-it in file order; the destructive one (an engine killed mid-push) is the last test of the module.
-"""
+"""fleet.py + rollout.py on a real local Ray: 2 CPU stand-in engines, the sync group over gloo, rank 0
+= this process. One local Ray and one Fleet for the module (engine start dominates the cost); the
+destructive test (an engine killed mid-push) runs last. test_fleet_failures.py has its own fleet."""
 
 from __future__ import annotations
 
@@ -11,9 +9,13 @@ import time
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from rollfleet.runtime import demo, sync, tiny
+from rollfleet import demo
+from rollfleet.runtime import sync, tiny
+from rollfleet.bench.workers import param_sums
 from rollfleet.runtime.fleet import Fleet, PushStats
+from rollfleet.runtime.rollout import Request, RolloutError
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +23,8 @@ SYNC_TIMEOUT = 10
 OVERRIDES = [f"sync.timeoutSeconds={SYNC_TIMEOUT}", "timeouts.healthSeconds=30", "timeouts.initSeconds=120"]
 PROMPTS = ["The answer to the question is", "hello world, the model says", "One two three four",
            "What is the color of the tree?", "red green blue", "one two"]
-GREEDY = {"temperature": 0.0, "max_tokens": 12}
+GREEDY = {"temperature": 0.0, "max_tokens": 12, "ignore_eos": True}
+LONG = {"temperature": 0.0, "max_tokens": 200, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +70,13 @@ def sums(weights: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def engine_sums(fleet: Fleet, names: list[str]) -> list[dict[str, float]]:
-    per_engine = fleet.param_sums(names)
-    assert [len(tp) for tp in per_engine] == [1] * len(fleet.engines)  # the stand-in has TP 1
-    return [tp[0] for tp in per_engine]
+    per_engine = fleet.call(param_sums, names)
+    assert [len(workers) for workers in per_engine] == [1] * len(fleet.engines)  # the stand-in has TP 1
+    return [workers[0] for workers in per_engine]
 
 
 def greedy_ids(fleet: Fleet) -> list[list[int]]:
-    return [o.token_ids for o in fleet.generate(PROMPTS, GREEDY)]
+    return [s.token_ids for c in fleet.generate(PROMPTS, GREEDY) for s in c.samples]
 
 
 def test_fleet_starts_one_engine_per_inference_slot(fleet, spec):
@@ -83,68 +86,136 @@ def test_fleet_starts_one_engine_per_inference_slot(fleet, spec):
     assert all(h["state"] == "idle" and h["last_error"] is None for h in health)
 
 
-def test_generate_spreads_prompts_over_engines_and_stamps_version_0(fleet):
-    outs = fleet.generate(PROMPTS, {"n": 2, "temperature": 1.0, "max_tokens": 5, "seed": 1})
-    assert len(outs) == 2 * len(PROMPTS)
-    assert sorted((o.prompt_index, o.sample_index) for o in outs) == \
-        [(p, s) for p in range(len(PROMPTS)) for s in range(2)]
-    # contiguous chunks: the first half of the prompts on engine 0, the rest on engine 1
-    assert {o.prompt_index: o.engine for o in outs} == {i: 0 if i < 3 else 1 for i in range(len(PROMPTS))}
-    assert all(o.weight_version == 0 for o in outs)
-    assert all(len(o.token_ids) == 5 for o in outs)
+def test_generate_returns_one_completion_per_prompt_in_order_each_group_on_one_engine(fleet):
+    completions = fleet.generate(PROMPTS, {"n": 3, "temperature": 1.0, "max_tokens": 5, "seed": 1,
+                                           "ignore_eos": True, "logprobs": True})
+    assert len(completions) == len(PROMPTS)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(str(tiny.ensure()))
+    for prompt, c in zip(PROMPTS, completions):
+        assert c.prompt_token_ids == tok(prompt)["input_ids"]
+        assert [s.index for s in c.samples] == [0, 1, 2] and {s.engine for s in c.samples} == {c.engine}
+        assert all(len(s.token_ids) == 5 and len(s.logprobs) == 5 and s.finish_reason == "length"
+                   and s.prompt_tokens == len(c.prompt_token_ids) for s in c.samples)
+    assert {c.engine for c in completions} == {0, 1}
 
 
-def test_generate_with_an_unknown_param_names_the_engine(fleet):
-    with pytest.raises(sync.SyncError, match=r"generate: engine [01] failed: ValueError: .*top_k"):
-        fleet.generate(PROMPTS, {"top_k": 3})
+def test_requests_go_to_the_engine_with_the_fewest_samples_in_flight(fleet):
+    with fleet.rollouts() as rollouts:
+        rollouts.submit([Request(prompt="hello", params={**LONG, "n": 4})])  # engine 0: 4 in flight
+        ids = rollouts.submit([Request(prompt=f"p{i}", params={"max_tokens": 2}) for i in range(3)])
+        got = {c.request_id: c.engine for c in rollouts.results()}
+    assert [got[i] for i in ids] == [1, 1, 1]  # not contiguous chunks: by load
+
+
+def test_results_arrive_in_completion_order_and_each_is_complete(fleet):
+    with fleet.rollouts() as rollouts:
+        slow = rollouts.submit([Request(prompt=p, params={**LONG, "n": 2}, tag=f"slow{i}")
+                                for i, p in enumerate(PROMPTS[:2])])
+        fast = rollouts.submit([Request(prompt=p, params={"n": 2, "max_tokens": 2}, tag=f"fast{i}")
+                                for i, p in enumerate(PROMPTS[:2])])
+        order = [c for c in rollouts.results()]
+    assert {c.request_id for c in order[:2]} == set(fast) and {c.request_id for c in order[2:]} == set(slow)
+    assert {c.tag for c in order[:2]} == {"fast0", "fast1"}
+    assert all([s.index for s in c.samples] == [0, 1] for c in order)
+
+
+def test_bad_sampling_params_are_one_error_before_anything_is_sent(fleet):
+    with fleet.rollouts() as rollouts:
+        with pytest.raises(ValueError, match=r"\['best_of'\] not supported; supported: n, temperature"):
+            rollouts.submit([Request(prompt="a"), Request(prompt="b", params={"best_of": 2})])
+        assert rollouts.outstanding == 0 and rollouts.stats["submitted"] == 0
 
 
 def test_push_makes_every_engine_param_equal_the_trainers(fleet, sender, original):
     names = list(original)
-    before = engine_sums(fleet, names)
-    assert all(s == pytest.approx(sums(original), rel=1e-9, abs=1e-9) for s in before)
+    assert all(s == pytest.approx(sums(original), rel=1e-9, abs=1e-9) for s in engine_sums(fleet, names))
     new = perturbed(original, 1)
-    want = sums(new)
-    assert want != pytest.approx(sums(original), rel=1e-6)
     version = sender.version
-    stats = sender.push(new.items())
+    stats = sender.push(iter(new.items()))  # any iterable, consumed lazily
     assert isinstance(stats, PushStats)
-    assert stats.version == version + 1 and stats.engines == 2
-    assert stats.buckets == len(sync.plan_buckets(new.items(), fleet.spec.sync.bucket_mib << 20, 0, True).buckets)
-    assert stats.checksums_ok is True
-    assert stats.bytes == sum(t.numel() * t.element_size() for t in new.values())
+    assert stats.version == version + 1 and stats.engines == 2 and stats.checksums_ok is True
+    assert stats.tensors == len(new) and stats.bytes == sum(t.numel() * t.element_size() for t in new.values())
+    assert stats.buckets >= 2 and all(p["policy"] == "wait" for p in stats.profile)
     for got in engine_sums(fleet, names):  # every param, on every engine
         assert set(got) == set(names)
-        assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+        assert got == pytest.approx(sums(new), rel=1e-9, abs=1e-9)
 
 
-def test_versions_are_stamped_on_outputs_and_health_after_a_push(fleet, sender, original):
+def test_versions_are_stamped_on_samples_and_health_after_a_push(fleet, sender, original):
     stats = sender.push(perturbed(original, 2).items())
-    outs = fleet.generate(PROMPTS, GREEDY)
-    assert {o.weight_version for o in outs} == {stats.version}
-    assert {o.engine for o in outs} == {0, 1}
+    samples = [s for c in fleet.generate(PROMPTS, GREEDY) for s in c.samples]
+    assert {(s.admitted_version, s.completed_version) for s in samples} == {(stats.version, stats.version)}
+    assert {s.engine for s in samples} == {0, 1}
     assert [h["weight_version"] for h in fleet.health()] == [stats.version, stats.version]
 
 
 def test_outputs_change_after_a_push_and_return_with_the_old_weights(fleet, sender, original):
     sender.push(original.items())
     base = greedy_ids(fleet)
-    assert greedy_ids(fleet) == base  # greedy is deterministic (and memoized by the prefix cache)
+    assert greedy_ids(fleet) == base  # greedy is deterministic
     sender.push(perturbed(original, 3).items())
-    changed = greedy_ids(fleet)
-    assert changed != base  # the prefix cache was reset: no stale outputs from the old weights
-    stats = sender.push(original.items())
-    assert stats.checksums_ok is True
+    assert greedy_ids(fleet) != base  # the prefix cache was reset: no stale KV from the old weights
+    assert sender.push(original.items()).checksums_ok is True
     assert greedy_ids(fleet) == base  # the same weights give the same outputs again
 
 
-def test_health_answers_while_a_long_generate_is_in_flight(fleet):
+def test_a_full_queue_slows_submission_instead_of_growing(fleet, spec):
+    small = Fleet(spec.model_copy(update={"rollout": spec.rollout.model_copy(update={"queue_size": 8})}),
+                  fleet.engines, fleet.groups)
+    with small.rollouts() as rollouts:
+        box: dict = {}
+        requests = [Request(prompt=p, params={"n": 4, "max_tokens": 3}) for p in PROMPTS[:4]]  # 16 samples
+        producer = threading.Thread(target=lambda: box.update(ids=rollouts.submit(requests, timeout_s=30)))
+        producer.start()
+        time.sleep(1.5)
+        assert producer.is_alive() and rollouts.outstanding <= 8  # blocked at the bound, not growing
+        taken = rollouts.take(4)  # taking frees room: the producer finishes
+        producer.join(30)
+        assert not producer.is_alive() and len(box["ids"]) == 4 and len(taken) == 4
+        with pytest.raises(RolloutError, match=r"8 samples outstanding, rollout.queueSize=8.*take results"):
+            rollouts.submit(requests, timeout_s=1)  # nobody takes: a clear error, not a hang
+        with pytest.raises(ValueError, match="n=9 exceeds rollout.queueSize=8"):
+            rollouts.submit([Request(prompt="x", params={"n": 9})])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(max_staleness=st.integers(0, 2), ahead=st.integers(0, 3),
+       lengths=st.lists(st.integers(1, 40), min_size=6, max_size=6), train_ms=st.integers(0, 150))
+def test_staleness_bound_holds_under_random_timings(fleet, spec, sender, original, max_staleness, ahead, lengths,
+                                                    train_ms):
+    variant = Fleet(spec.model_copy(update={"rollout": spec.rollout.model_copy(update={"max_staleness": max_staleness})}),
+                    fleet.engines, fleet.groups)
+    steps, per_step = 3, 2
+    with variant.rollouts() as rollouts:
+        def submit(step):
+            rollouts.submit([Request(prompt=PROMPTS[i], tag=(step, i), params={
+                "n": 2, "max_tokens": lengths[(step * per_step + i) % len(lengths)], "ignore_eos": True})
+                for i in range(per_step)])
+
+        for s in range(1, min(1 + ahead, steps) + 1):  # `ahead` may exceed the bound: take() must catch it
+            submit(s)
+        seen = []
+        for step in range(1, steps + 1):
+            batch = rollouts.take(per_step, version=sender.version)
+            assert all(c.staleness(sender.version) <= max_staleness for c in batch)
+            seen += [c.tag for c in batch]
+            time.sleep(train_ms / 1000)
+            sender.push(original.items())
+            if step + 1 + ahead <= steps:
+                submit(step + 1 + ahead)
+        seen += [c.tag for c in rollouts.results()]  # what is left in flight
+        assert sorted(seen) == sorted((s, i) for s in range(1, steps + 1) for i in range(per_step))  # once each
+        assert rollouts.stats["max_staleness"] <= max_staleness
+        if ahead > max_staleness + 1:
+            assert rollouts.stats["stale_resubmitted"] > 0
+
+
+def test_health_answers_while_a_long_generation_is_in_flight(fleet):
     box: dict = {}
 
     def long_generate():
         try:
-            box["outs"] = fleet.generate(PROMPTS * 4, {"n": 2, "temperature": 1.0, "max_tokens": 300, "seed": 5},
-                                         timeout_s=120)
+            box["out"] = fleet.generate(PROMPTS * 2, {**LONG, "n": 2, "temperature": 1.0, "seed": 5}, timeout_s=120)
         except BaseException as exc:
             box["error"] = exc
 
@@ -153,15 +224,14 @@ def test_health_answers_while_a_long_generate_is_in_flight(fleet):
     seen: set[int] = set()
     deadline = time.monotonic() + 60
     while len(seen) < 2 and t.is_alive() and time.monotonic() < deadline:
-        for h in fleet.health():  # would time out if health queued behind generate
+        for h in fleet.health(timeout_s=2):  # would time out if health queued behind generation
             if h["state"] == "generating":
                 seen.add(h["engine"])
         time.sleep(0.02)
     t.join(120)
     assert "error" not in box, box.get("error")
-    assert seen == {0, 1}, "health never reported a generate in flight"
-    assert len(box["outs"]) == 2 * 4 * len(PROMPTS)
-    assert all(len(o.token_ids) == 300 for o in box["outs"])
+    assert seen == {0, 1}, "health never reported generation in flight"
+    assert all(len(s.token_ids) == 200 for c in box["out"] for s in c.samples)
 
 
 # ---- destructive: leaves the sync group broken, so it runs last ------------------------------
@@ -170,39 +240,26 @@ def test_health_answers_while_a_long_generate_is_in_flight(fleet):
 def test_an_engine_killed_mid_push_is_named_within_the_sync_timeout(fleet, sender, original):
     import ray
 
-    # A long push: the same weights listed many times (~300 MB, hundreds of 1 MiB buckets), so the kill
-    # lands while buckets are still on the wire.
-    once = list(perturbed(original, 4).items())
-    items = once * max(1, 300_000_000 // sum(t.numel() * t.element_size() for _, t in once))
-    box: dict = {}
+    seen: list[dict] = []
 
-    def push():
-        box["t0"] = time.monotonic()
-        try:
-            box["stats"] = sender.push(items)
-        except BaseException as exc:
-            box["error"] = exc
-        box["t1"] = time.monotonic()
+    def items():  # the push pulls lazily: engine 1 dies after 40 tensors, with buckets still to come
+        for i, item in enumerate(list(perturbed(original, 4).items()) * 20):
+            if i == 40:
+                seen.extend(fleet.health(timeout_s=5))  # health answers during the push
+                ray.kill(fleet.engines[1])
+            yield item
 
-    t = threading.Thread(target=push)
-    t.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # health answers during the push
-        if fleet.health()[1]["state"] == "receiving":
-            break
-        time.sleep(0.005)
-    else:
-        pytest.fail("engine 1 never reported receiving")
-    ray.kill(fleet.engines[1])
-    t.join(SYNC_TIMEOUT + 30)
-    assert not t.is_alive(), "push hung past sync.timeoutSeconds"
-    assert "stats" not in box, "the push completed: the kill did not land mid-push"
-    err = box["error"]
-    assert isinstance(err, sync.SyncError), repr(err)
-    assert "engine 1" in str(err)
-    assert box["t1"] - box["t0"] < SYNC_TIMEOUT + 6  # the timeout, plus ≤ 5 s to learn which engine died
+    t0 = time.monotonic()
+    with pytest.raises(sync.SyncError) as err:
+        sender.push(items())
+    elapsed = time.monotonic() - t0
+    assert [h["state"] for h in seen] == ["receiving", "receiving"], err.value
+    assert "engine 1 died" in str(err.value) and "form it again" in str(err.value)
+    assert elapsed < SYNC_TIMEOUT + 15  # the timeout, plus the probes that name the engine
     with pytest.raises(sync.SyncError, match="health: engine 1 failed"):
         fleet.health()
+    with pytest.raises(sync.SyncError, match="the sync group is broken since push"):
+        sender.push(original.items())  # a broken group is never reused
     # a new sync group cannot form without engine 1: the rendezvous names it instead of waiting
     t0 = time.monotonic()
     with pytest.raises(sync.SyncError, match="sync group rendezvous failed: engine 1"):

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from rollfleet.render import load_values
-from rollfleet.runtime import demo, launch
+from rollfleet import demo
+from rollfleet.runtime import launch
 from rollfleet.spec import runtime_config
 
 from conftest import ROOT
@@ -58,24 +59,29 @@ def test_demo_runs_the_local_example_values():
     spec = demo.local_spec()
     assert spec == load_values(ROOT / "manifests" / "examples" / "local.yaml")
     assert spec.engine == "cpu-standin" and spec.sync.backend == "gloo"
-    assert spec.engines == 2 and spec.world_size == 3
+    assert spec.engines == 2 and spec.world_size == 3 and spec.pools.trainer.gpus == 2
     assert demo.local_spec(["job.steps=5"]).job.steps == 5
 
 
 @pytest.mark.slow
 def test_rollfleet_demo_passes_end_to_end(tmp_path):
-    """`rollfleet demo` as a user runs it: local Ray, 2 stand-in engines, smoke trainer, 3 pushes."""
+    """`rollfleet demo` as a user runs it: local Ray, 2 stand-in engines, 2 trainer ranks (FSDP2 over
+    gloo), the asynchronous built-in GRPO trainer, 3 pushes."""
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}  # ignored: the demo starts its own local Ray
     proc = subprocess.run([sys.executable, "-m", "rollfleet.cli", "demo"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=400)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    assert "CPU STAND-IN" in out
-    assert ": PASS" in out
-    (line,) = [ln for ln in out.splitlines() if ln.startswith("ROLLFLEET_RESULT ")]
+    assert "CPU STAND-IN" in out and ": PASS" in out
+    assert "trainer group: 2 rank(s); weights sharded with FSDP2" in out
+    lines = out.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.split()[:3] == ["step", "version", "policy"])
+    table = [ln.split() for ln in lines[header + 1:] if ln.split()[:1] in (["1"], ["2"], ["3"])][:3]
+    assert [row[:3] for row in table] == [["1", "1", "wait"], ["2", "2", "wait"], ["3", "3", "wait"]]  # as steps end
+    (line,) = [ln for ln in lines if ln.startswith("ROLLFLEET_RESULT ")]
     rows = json.loads(line.removeprefix("ROLLFLEET_RESULT "))
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["version"] for r in rows] == [1, 2, 3]
+    assert [r["staleness"] for r in rows] == [0, 1, 1]  # step k+1 generated while step k trained
     for r in rows:
         assert r["checksums_ok"] is True, r
         assert r["outputs_changed"] is True and r["versions_stamped"] is True, r
-        assert r["bytes"] > 0 and r["buckets"] >= 1

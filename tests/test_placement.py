@@ -7,10 +7,11 @@ import time
 
 import pytest
 
-from rollfleet.runtime import demo, placement
+from rollfleet import demo
+from rollfleet.runtime import placement
 from rollfleet.spec import load_spec
 
-ONE_ENGINE = ["pools.inference.gpusPerNode=1"]  # the cluster below: 1 inference slot, 1 trainer slot
+ONE_ENGINE = ["pools.inference.gpusPerNode=1", "pools.trainer.gpusPerNode=1"]  # the cluster below: 1 slot of each
 
 
 def vllm_spec(tp: int = 1, gpus: int = 4):
@@ -33,11 +34,9 @@ def test_standin_engine_bundle_takes_one_inference_slot_and_no_gpu():
     assert placement.engine_bundle(demo.local_spec()) == {"CPU": 1, "inference": 1}
 
 
-def test_trainer_options_pin_the_trainer_pool():
-    gpu = placement.trainer_options(vllm_spec())
-    assert gpu["resources"] == {"trainer": 1} and gpu["num_gpus"] == 1 and gpu["num_cpus"] == 1
-    cpu = placement.trainer_options(demo.local_spec())
-    assert cpu["resources"] == {"trainer": 1} and cpu["num_gpus"] == 0
+def test_a_trainer_rank_takes_one_gpu_of_the_trainer_pool():
+    assert placement.trainer_bundle(vllm_spec()) == {"GPU": 1, "CPU": 1, "trainer": 1}
+    assert placement.trainer_bundle(demo.local_spec()) == {"CPU": 1, "trainer": 1}
 
 
 def test_engines_and_trainers_get_identical_nccl_env():
@@ -45,7 +44,6 @@ def test_engines_and_trainers_get_identical_nccl_env():
     env = placement.actor_env(spec)["env_vars"]
     assert env["NCCL_CUMEM_ENABLE"] == "0" and env["NCCL_DEBUG"] == "WARN"
     assert env["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
-    assert placement.trainer_options(spec)["runtime_env"] == placement.actor_env(spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +88,7 @@ def test_too_few_inference_slots_times_out_listing_requested_and_available(ray_s
     msg = str(err.value)
     assert "1/2 engine placement groups ready after 2 s (timeouts.initSeconds)" in msg
     assert "requested {'CPU': 2, 'inference': 2}" in msg
-    assert "the cluster has {CPU: 4, inference: 1, trainer: 1}" in msg
+    assert "the cluster has {CPU: 4, inference: 1, trainer: 1}" in msg, msg
     assert "`inference` resource" in msg
 
 
@@ -117,13 +115,18 @@ def test_engines_land_on_the_inference_pool_and_trainers_on_the_trainer_pool(ray
         assert opts["resources"] == {"inference": 1} and "trainer" not in opts["resources"]
         assert opts["num_gpus"] == 0 and opts["max_concurrency"] > 1  # health must not queue behind work
         assert opts["scheduling_strategy"].placement_group is groups[0]
+        trainers = placement.reserve_trainers(spec, timeout_s=30)
+        groups += trainers
+        topts = placement.trainer_options(spec, trainers[0], 0)
+        assert topts["resources"] == {"trainer": 1} and topts["num_gpus"] == 0
+        assert topts["runtime_env"] == opts["runtime_env"] == placement.actor_env(spec)
         Probe = _probe()
         engine = Probe.options(**opts).remote()
-        trainer = Probe.options(**placement.trainer_options(spec)).remote()
+        trainer = Probe.options(**topts).remote()
         (eng_res, eng_env), (tr_res, tr_env) = ray.get([engine.assigned.remote(), trainer.assigned.remote()],
                                                        timeout=60)
         assert {_base(k) for k in eng_res} >= {"inference"} and not any("trainer" in k for k in eng_res)
-        assert tr_res.get("trainer") == 1 and not any("inference" in k for k in tr_res)
+        assert {_base(k) for k in tr_res} >= {"trainer"} and not any("inference" in k for k in tr_res)
         assert eng_env == tr_env == "0"  # the same NCCL env on both sides
         # the pool is now full: a second engine cannot be placed, even though a trainer slot is free
         with pytest.raises(placement.PlacementTimeout, match="0/1 engine placement groups ready"):

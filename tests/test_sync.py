@@ -41,70 +41,45 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The bucket plan
+# The wire format: a header before each bucket
 
 
 def _named(sizes: list[int], dtype=torch.float32) -> list[tuple[str, torch.Tensor]]:
     return [(f"p{i}", torch.zeros(n, dtype=dtype)) for i, n in enumerate(sizes)]
 
 
-def test_plan_packs_greedily_in_order_and_aligns_every_slot():
-    tensors = _named([10, 100, 7, 300, 1, 64])  # float32: 40, 400, 28, 1200, 4, 256 bytes
-    plan = sync.plan_buckets(tensors, 1024, version=3, verify=True)
-    assert plan.version == 3 and plan.verify is True
-    names = [s.name for b in plan.buckets for s in b.slots]
-    assert names == [n for n, _ in tensors]  # parameter order kept, nothing dropped or repeated
-    # 40 → 256, +400 → 768, +28 → 1024 (fits exactly: 768 + 28 <= 1024), then 1200 alone, then 4 + 256
-    assert [[s.name for s in b.slots] for b in plan.buckets] == [["p0", "p1", "p2"], ["p3"], ["p4", "p5"]]
-    for b in plan.buckets:
-        for s in b.slots:
-            assert s.offset % sync.ALIGN == 0
-            assert s.offset + s.nbytes <= b.nbytes
-        assert b.nbytes % sync.ALIGN == 0  # so a bucket views as int32 for its checksum
-        ends = [s.offset + s.nbytes for s in b.slots]
-        assert all(e <= nxt.offset for e, nxt in zip(ends, b.slots[1:]))  # no overlap
-    assert plan.buffer_bytes == max(b.nbytes for b in plan.buckets)
+def test_header_round_trips_slots_size_and_last():
+    slots = [sync.Slot("model.layers.0.w", "bfloat16", (3, 4), 0, 24), sync.Slot("b", "int64", (), 256, 8)]
+    raw = sync.encode_header(slots, 512, last=False)
+    padded = raw + bytes(100)  # the header buffer is larger than what it carries
+    assert sync.decode_header(padded) == (slots, 512, False)
+    assert sync.decode_header(sync.encode_header([], 0, True)) == ([], 0, True)
 
 
-def test_plan_gives_an_oversized_tensor_its_own_bucket():
-    tensors = _named([16, 5000, 16])  # the middle one is 20000 bytes > 4096
-    plan = sync.plan_buckets(tensors, 4096, 1, False)
-    assert [[s.name for s in b.slots] for b in plan.buckets] == [["p0"], ["p1"], ["p2"]]
-    assert plan.buckets[1].slots[0].offset == 0
-    assert plan.buffer_bytes >= 20000  # the buffers grow to the largest bucket
-    # an oversized first tensor too
-    plan = sync.plan_buckets(_named([5000, 16, 16]), 4096, 1, False)
-    assert [[s.name for s in b.slots] for b in plan.buckets] == [["p0"], ["p1", "p2"]]
+def test_header_size_follows_the_bucket_size_within_bounds():
+    assert sync.header_bytes(1 << 20) == 16 << 10
+    assert sync.header_bytes(1 << 30) == 256 << 10
+    assert sync.header_bytes(16 << 20) == 64 << 10
 
 
-def test_plan_total_bytes_counts_payload_not_padding():
-    tensors = [("a", torch.zeros(3, 5, dtype=torch.bfloat16)), ("b", torch.zeros(7, dtype=torch.float64)),
-               ("c", torch.zeros((), dtype=torch.float32)), ("d", torch.zeros(0, dtype=torch.float16))]
-    plan = sync.plan_buckets(tensors, 1 << 20, 1, True)
-    assert plan.total_bytes == 3 * 5 * 2 + 7 * 8 + 4 + 0
-    assert len(plan.buckets) == 1
-    slots = {s.name: s for s in plan.buckets[0].slots}
-    assert slots["a"].dtype == "bfloat16" and slots["a"].shape == (3, 5)
-    assert slots["c"].shape == () and slots["d"].shape == (0,)
-
-
-def test_plan_of_nothing_is_empty():
-    plan = sync.plan_buckets([], 1024, 1, True)
-    assert plan.buckets == () and plan.total_bytes == 0 and plan.buffer_bytes == 0
+def test_push_round_trips_through_its_wire_form():
+    push = sync.Push(version=3, bucket_bytes=1 << 20, verify=True)
+    assert sync.Push.from_wire(push.to_wire()) == push
+    assert sync.Push.from_wire(push) is push
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_view_round_trips_every_dtype(dtype):
     tensors = [("x", _tensor(dtype, (3, 5), 1)), ("y", _tensor(dtype, (7,), 2)), ("z", _tensor(dtype, (), 3))]
-    plan = sync.plan_buckets(tensors, 1 << 20, 1, False)
-    (bucket,) = plan.buckets
-    buf = torch.zeros(bucket.nbytes, dtype=torch.uint8)
-    for (_, t), slot in zip(tensors, bucket.slots):
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    offset = 0
+    for name, t in tensors:
+        slot, _ = sync._slot(name, t, offset)
         buf[slot.offset:slot.offset + slot.nbytes].copy_(t.reshape(-1).view(torch.uint8))
-    for (_, t), slot in zip(tensors, bucket.slots):
         v = sync.view(buf, slot)
         assert _same(v, t)
         assert v.data_ptr() == buf.data_ptr() + slot.offset  # a view, not a copy
+        offset = sync._align(offset + slot.nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,30 +239,33 @@ def _group(world: int, timeout_s: float = 10):
     return store, sender, [receivers[r] for r in range(1, world)]
 
 
-def _push(plan, tensors, sender, receivers, timeout_s: float = 20):
-    """One push: returns (sender checksums, per receiver: (checksums, [(name, copy) loaded], buffers seen))."""
+def _push(push, tensors, sender, receivers, timeout_s: float = 20):
+    """One push: returns (what rank 0 sent, per receiver: (checksums, [(name, copy) loaded], buffers seen,
+    slots per bucket))."""
     results: dict[int, tuple] = {}
     errors: list[BaseException] = []
 
     def receive(i, transport):
         loaded: list[tuple[str, torch.Tensor]] = []
         buffers: set[int] = set()
+        buckets: list[list[str]] = []
 
         def load(weights):
+            buckets.append([n for n, _ in weights])
             for name, t in weights:
                 buffers.add(t.untyped_storage().data_ptr())
                 loaded.append((name, t.clone()))
 
         try:
-            sums = sync.receive(plan, transport, load, time.monotonic() + timeout_s)
-            results[i] = (sums, loaded, buffers)
+            sums = sync.receive(push, transport, load, time.monotonic() + timeout_s)
+            results[i] = (sums, loaded, buffers, buckets)
         except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=receive, args=(i, t)) for i, t in enumerate(receivers)]
     for t in threads:
         t.start()
-    sent = sync.send(plan, tensors, sender, time.monotonic() + timeout_s)
+    sent = sync.send(push, iter(tensors), sender, time.monotonic() + timeout_s)
     for t in threads:
         t.join(timeout_s)
     assert not errors, errors
@@ -308,7 +286,7 @@ def _weights(seed: int) -> list[tuple[str, torch.Tensor]]:
     for i in range(9):
         out.append((f"layer{i}.weight", torch.randn(40 + 13 * i, 17, generator=g)))
         out.append((f"layer{i}.bias", torch.randn(17, generator=g).to(torch.bfloat16)))
-    out.append(("big", torch.randn(3000, generator=g)))  # 12000 bytes: larger than a bucket
+    out.append(("big", torch.randn(6000, generator=g)))  # 24000 bytes: larger than a 12 KiB bucket
     out.append(("steps", torch.arange(5, dtype=torch.int64)))
     out.append(("transposed", torch.randn(6, 11, generator=g).t()))  # non-contiguous source
     return out
@@ -317,16 +295,46 @@ def _weights(seed: int) -> list[tuple[str, torch.Tensor]]:
 def test_gloo_push_delivers_equal_tensors_to_every_receiver(group3):
     sender, receivers = group3
     tensors = _weights(0)
-    plan = sync.plan_buckets(tensors, 4096, 1, verify=True)
-    assert len(plan.buckets) >= 3  # both buffers get reused
-    sent, results = _push(plan, [t for _, t in tensors], sender, receivers)
-    assert len(sent) == len(plan.buckets)
-    for sums, loaded, buffers in results:
-        assert sums == sent  # checksums equal on every receiver
-        assert [n for n, _ in loaded] == [n for n, _ in tensors]
+    sent, results = _push(sync.Push(1, 12 << 10, verify=True), tensors, sender, receivers)
+    assert sent.buckets >= 3 and sent.tensors == len(tensors)  # both buffers get reused
+    assert sent.bytes == sum(t.numel() * t.element_size() for _, t in tensors)
+    for sums, loaded, buffers, buckets in results:
+        assert sums == sent.checksums and len(sums) == sent.buckets  # equal on every receiver
+        assert [n for n, _ in loaded] == [n for n, _ in tensors]  # order kept, nothing dropped or repeated
         for (name, want), (_, got) in zip(tensors, loaded):
             assert _same(got, want.contiguous()), name
-        assert len(buffers) == 2  # two receive buffers, reused across all buckets
+        assert ["big"] in buckets  # larger than a bucket: one of its own
+        assert len(buffers) <= 3  # two receive buffers reused for every bucket, one of them grown for "big"
+
+
+def test_buckets_pack_greedily_in_order(group3):
+    sender, receivers = group3
+    tensors = _named([10, 100, 7, 300, 1, 64])  # float32: 40, 400, 28, 1200, 4, 256 bytes
+    _, results = _push(sync.Push(2, 1024, verify=True), tensors, sender, receivers)
+    # 40 → 256, +400 → 768, +28 fits exactly (768 + 28 <= 1024), then 1200 alone, then 4 + 256
+    assert results[0][3] == [["p0", "p1", "p2"], ["p3"], ["p4", "p5"]]
+
+
+def test_a_bucket_closes_when_its_header_is_full(group3):
+    sender, receivers = group3
+    names = [(f"model.layers.{i}.{'x' * 200}", torch.zeros(1)) for i in range(200)]  # ~220 bytes of header each
+    sent, results = _push(sync.Push(3, 1 << 20, verify=False), names, sender, receivers)
+    per_bucket = [len(b) for b in results[0][3]]
+    assert sum(per_bucket) == 200 and sent.buckets == len(per_bucket) > 1
+    assert max(per_bucket) * 220 <= sync.header_bytes(1 << 20)
+
+
+def test_a_weight_name_too_long_for_any_header_is_an_error_naming_it(group3):
+    sender, _ = group3
+    with pytest.raises(sync.SyncError, match="raise sync.bucketMiB"):
+        sync.send(sync.Push(4, 1 << 20, False), [("n" * 20000, torch.zeros(1))], sender, time.monotonic() + 5)
+
+
+def test_an_empty_push_is_one_empty_last_bucket(group3):
+    sender, receivers = group3
+    sent, results = _push(sync.Push(5, 4096, verify=True), [], sender, receivers)
+    assert sent.buckets == 1 and sent.tensors == 0 and sent.bytes == 0
+    assert all(r[1] == [] for r in results)
 
 
 def test_gloo_pushes_reuse_the_group_and_checksums_track_content(group3):
@@ -334,24 +342,21 @@ def test_gloo_pushes_reuse_the_group_and_checksums_track_content(group3):
     first = _weights(1)
     second = [(n, t + 1 if t.dtype.is_floating_point else t) for n, t in first]
     sums = []
-    for version, tensors in ((2, first), (3, second)):
-        plan = sync.plan_buckets(tensors, 4096, version, verify=True)
-        sent, results = _push(plan, [t for _, t in tensors], sender, receivers)
-        for r_sums, loaded, _ in results:
-            assert r_sums == sent
+    for version, tensors in ((6, first), (7, second)):
+        sent, results = _push(sync.Push(version, 4096, verify=True), tensors, sender, receivers)
+        for r_sums, loaded, _, _ in results:
+            assert r_sums == sent.checksums
             assert all(_same(got, want.contiguous()) for (_, want), (_, got) in zip(tensors, loaded))
-        sums.append(sent)
+        sums.append(sent.checksums)
     assert sums[0] != sums[1]
 
 
 def test_gloo_push_without_checksums_still_delivers(group3):
     sender, receivers = group3
     tensors = _weights(2)
-    plan = sync.plan_buckets(tensors, 1 << 20, 4, verify=False)
-    assert len(plan.buckets) == 1
-    sent, results = _push(plan, [t for _, t in tensors], sender, receivers)
-    assert sent == []
-    for sums, loaded, _ in results:
+    sent, results = _push(sync.Push(8, 1 << 20, verify=False), tensors, sender, receivers)
+    assert sent.checksums == [] and sent.buckets == 1
+    for sums, loaded, _, _ in results:
         assert sums == []
         assert all(_same(got, want.contiguous()) for (_, want), (_, got) in zip(tensors, loaded))
 
@@ -359,10 +364,9 @@ def test_gloo_push_without_checksums_still_delivers(group3):
 def test_gloo_receive_raises_within_its_deadline_when_nothing_arrives():
     # (a short group timeout: dropping a gloo group with a pending op waits for that timeout)
     store, sender, (receiver,) = _group(2, timeout_s=4)
-    plan = sync.plan_buckets([("w", torch.zeros(100))], 4096, 1, True)
     t0 = time.monotonic()
-    with pytest.raises(sync.SyncError, match="receive v1 bucket 0"):
-        sync.receive(plan, receiver, lambda w: None, time.monotonic() + 1)
+    with pytest.raises(sync.SyncError, match="receive v1 header 0"):
+        sync.receive(sync.Push(1, 4096, True), receiver, lambda w: None, time.monotonic() + 1)
     assert time.monotonic() - t0 < 3  # the 1 s deadline, not the group's 4 s timeout
     # the group is now broken by design (a pending receive): dropped, never reused
 
@@ -370,8 +374,80 @@ def test_gloo_receive_raises_within_its_deadline_when_nothing_arrives():
 def test_gloo_send_raises_within_its_deadline_when_a_receiver_never_takes_part():
     store, sender, (receiver,) = _group(2, timeout_s=4)
     tensors = [(f"w{i}", torch.randn(1 << 18)) for i in range(6)]
-    plan = sync.plan_buckets(tensors, 1 << 20, 7, True)
     t0 = time.monotonic()
     with pytest.raises(sync.SyncError, match="push v7"):
-        sync.send(plan, [t for _, t in tensors], sender, time.monotonic() + 1)
+        sync.send(sync.Push(7, 1 << 20, True), tensors, sender, time.monotonic() + 1)
     assert time.monotonic() - t0 < 3  # the 1 s deadline, not the group's 4 s timeout
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank 0's extra memory during a streamed push, read from the C allocator (glibc's mallinfo2:
+# torch's CPU tensors are plain malloc'd memory, so this sees every buffer and every tensor)
+
+RECEIVER = """
+import os, sys, time, torch
+from rollfleet.runtime import sync
+host, port, version, bucket = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+transport = sync.join("gloo", host, port, 1, 2, torch.device("cpu"), 30)
+got = {}
+sync.receive(sync.Push(version, bucket, True), transport, lambda w: got.update((n, float(t.double().sum())) for n, t in w),
+             time.monotonic() + 60)
+print(len(got), sum(got.values()), flush=True)
+os._exit(0)  # skip gloo's teardown at interpreter exit
+"""
+
+
+def _malloc_in_use() -> int:
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd  # in use: heap chunks + mmapped chunks
+
+
+def test_streamed_push_holds_at_most_two_buckets_and_the_largest_tensor():
+    import subprocess
+    import sys
+
+    try:
+        _malloc_in_use()
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's mallinfo2 to read the C allocator")
+    bucket, largest = 1 << 20, 512 << 10
+    sizes = [largest // 4 * (1 + i % 4) for i in range(64)]  # 128..512 KiB each, 20 MiB in all
+    store, port = sync.open_store(HOST, 2, 30)
+    proc = subprocess.Popen([sys.executable, "-c", RECEIVER, HOST, str(port), "1", str(bucket)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sync.wait_joined(store, 2, 1, 30)
+        sender = sync.with_deadline(lambda: sync.make_transport("gloo", store, 0, 2, CPU, 30), 30, "rank 0")
+        samples: list[int] = []
+
+        def gathered():  # like a sharded model: each tensor exists only once it is pulled
+            g = torch.Generator().manual_seed(0)
+            for i, nbytes in enumerate(sizes):
+                samples.append(_malloc_in_use())
+                t = torch.randn(nbytes // 4, generator=g)
+                samples.append(_malloc_in_use())
+                yield f"w{i}", t
+            samples.append(_malloc_in_use())
+
+        baseline = _malloc_in_use()
+        sent = sync.send(sync.Push(1, bucket, True), gathered(), sender, time.monotonic() + 60)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert int(out.split()[0]) == len(sizes) and sent.tensors == len(sizes) and sent.buckets >= 10
+    peak = max(samples) - baseline
+    bound = 2 * bucket + largest + 2 * sync.header_bytes(bucket)
+    slack = 512 << 10  # fixed: Python objects, Work handles, malloc bookkeeping (not proportional to the model)
+    assert peak <= bound + slack, f"peak extra {peak} bytes > 2 buckets + largest tensor = {bound} (+{slack})"
+    assert peak >= 2 * bucket  # the measurement sees the two buffers (it is not blind)
+    assert sum(sizes) > 4 * (bound + slack)  # holding the model would have been far over the bound

@@ -19,14 +19,14 @@ from typing import Iterator
 
 import pytest
 
-from rollfleet.runtime import vllm_api
-from rollfleet.runtime.vllm_api import (
+import vllm_api
+from vllm_api import (
     ATTR, CALL, CLASS, EXPORT, FIELD, LITERALS, MODULE, SOURCE, STATIC, USES, VERSIONS, Use,
 )
 from wheel_source import PINNED, WheelSource, WheelSourceError
 
 assert set(VERSIONS) <= set(PINNED), f"pin a wheel for each of {VERSIONS} in tests/wheel_source.py"
-RUNTIME = Path(__file__).resolve().parents[1] / "src" / "rollfleet" / "runtime"
+SRC = Path(__file__).resolve().parents[1] / "src" / "rollfleet"  # the runtime, the benchmarks, everything
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,11 +606,14 @@ def undeclared_vllm_uses(source: str, filename: str = "<runtime>") -> list[str]:
                     return ".".join(parts[i:]) or None
         return None
 
-    # Instances: `x = Cls(...)` / `self.x = Cls(...)` for an imported class -> "Cls"
+    # Instances: `x = Cls(...)` / `self.x = Cls(...)` / `x = Cls.from_...(...)` (an alternate
+    # constructor) for an imported class -> "Cls"
     instances: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call):
             q = qual_of(node.value.func)
+            if q and q.count(".") == 1 and q.split(".")[1].startswith("from_"):
+                q = q.split(".")[0]
             if q and "." not in q:
                 for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
                     d = _dotted(t)
@@ -654,37 +657,39 @@ def undeclared_vllm_uses(source: str, filename: str = "<runtime>") -> list[str]:
 
 
 def test_runtime_uses_are_declared() -> None:
-    files = sorted(p for p in RUNTIME.rglob("*.py") if p.name != "vllm_api.py")
-    assert files, f"no runtime sources under {RUNTIME}"
-    problems = [p for f in files for p in undeclared_vllm_uses(f.read_text(), str(f.relative_to(RUNTIME.parents[2])))]
+    files = sorted(SRC.rglob("*.py"))
+    assert files, f"no sources under {SRC}"
+    problems = [p for f in files for p in undeclared_vllm_uses(f.read_text(), str(f.relative_to(SRC.parents[1])))]
     assert not problems, "the runtime uses vLLM surfaces that vllm_api.py does not declare:\n  " + "\n  ".join(problems)
 
 
 def test_import_scan_catches_undeclared_uses() -> None:
     src = """
 import vllm.not_declared
-from vllm import LLM, NotDeclared
+from vllm import NotDeclared
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.distributed.utils import StatelessProcessGroup
 import importlib
 importlib.import_module("vllm.also_not_declared")
 
 class E:
     def __init__(self):
-        self.llm = LLM(model="m", enforce_eager=True, no_such_engine_arg=1, **extra)
+        args = AsyncEngineArgs(model="m", enforce_eager=True, no_such_engine_arg=1, **extra)
+        self.llm = AsyncLLM.from_engine_args(args)
         StatelessProcessGroup.not_declared_helper(1)
-        StatelessProcessGroup.create("h", 1, 0, 2, store_timeout=3)
 
-    def go(self, p, sp):
-        self.llm.generate(p, sp, use_tqdm=False)
-        self.llm.generate(p, sp, True)
-        self.llm.collective_rpc("m", timeout=1, bogus=2)
-        self.llm.sleep(level=1)
+    async def go(self, p, sp):
+        self.llm.generate(p, sp, "r")
+        self.llm.generate(p, sp, "r", True)
+        await self.llm.collective_rpc("m", timeout=1, bogus=2)
+        await self.llm.sleep_forever(level=1)
 """
     problems = "\n".join(undeclared_vllm_uses(src, "x.py"))
     expected = [
         "`import vllm.not_declared`", "import NotDeclared`", "import_module('vllm.also_not_declared')",
         "keyword 'no_such_engine_arg'", "StatelessProcessGroup.not_declared_helper",
-        "`self.llm.generate(...)`: passes 3 positional", "keyword 'bogus'", "LLM.sleep is not declared",
+        "`self.llm.generate(...)`: passes 4 positional", "keyword 'bogus'", "AsyncLLM.sleep_forever is not declared",
     ]
     for e in expected:
         assert e in problems, f"{e!r} not reported in:\n{problems}"

@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from rollfleet import kube
-from rollfleet.runtime import bench, demo
+from rollfleet import bench, demo, kube
 from rollfleet.spec import SpecError
 
 USAGE_ERROR = 2

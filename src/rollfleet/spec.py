@@ -182,6 +182,19 @@ class Sync(Model):
     """Compare a per-tensor checksum on trainer and every engine after each push."""
     port: int | None = Field(default=None, ge=1024, le=65535)
     """Rendezvous port on the trainer; null picks a free one."""
+    inflight: Literal["wait", "abort", "keep"] = "wait"
+    """Requests in flight when a push arrives: `wait` stops admitting and drains them (open-instruct's
+    default), `abort` aborts and resubmits them on the new weights, `keep` freezes them across the
+    update (their samples say so: admitted and completed versions differ)."""
+
+
+class Rollout(Model):
+    max_staleness: int = Field(default=1, ge=0)
+    """Versions a sample may be older than the policy it trains: 1 (open-instruct's default) lets
+    step k+1 generate while step k trains; 0 is strictly on-policy."""
+    queue_size: int = Field(default=4096, ge=1)
+    """Samples one rollout client may have outstanding (submitted, not yet taken); submit blocks
+    beyond it, so a slow trainer slows submission instead of growing memory."""
 
 
 class Timeouts(Model):
@@ -215,6 +228,7 @@ class FleetSpec(Model):
     model: ModelSpec = ModelSpec()
     vllm: Vllm = Vllm()
     sync: Sync = Sync()
+    rollout: Rollout = Rollout()
     timeouts: Timeouts = Timeouts()
     job: Job = Job()
     nccl_env: dict[str, str] = dict(DEFAULT_NCCL_ENV)

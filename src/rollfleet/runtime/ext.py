@@ -1,7 +1,8 @@
-"""vLLM worker extension: plain methods that `LLM.collective_rpc` calls in every TP worker.
+"""vLLM worker extension: plain methods that `collective_rpc` calls in every TP worker.
 
 Passed to vLLM as `worker_extension_cls="rollfleet.runtime.ext.WeightSyncExtension"`; the policy
-(buckets, versions, checks) lives in sync.py and engine.py.
+(buckets, versions, checks) lives in sync.py and engine.py. Benchmarks and tests run their own
+functions in the workers through `collective_rpc(callable)` instead of methods here.
 """
 
 from __future__ import annotations
@@ -22,20 +23,11 @@ class WeightSyncExtension:
         self.rollfleet_transport = sync.join("nccl", host, port, rank, world_size, self.device, timeout_s)
         return rank
 
-    def rollfleet_receive(self, plan: dict, timeout_s: float) -> dict:
-        """Receive one push into two bucket buffers, handing views to the model's load_weights.
-        Returns this worker's checksums and its receive time (the push profile)."""
+    def rollfleet_receive(self, push: dict, timeout_s: float) -> dict:
+        """Receive one push bucket by bucket, handing views of each bucket to the model's
+        load_weights. Returns this worker's checksums and its receive time (the push profile)."""
         model = self.model_runner.model
         t0 = time.perf_counter()
-        sums = sync.receive(sync.Plan.from_wire(plan), self.rollfleet_transport,
+        sums = sync.receive(sync.Push.from_wire(push), self.rollfleet_transport,
                             lambda weights: model.load_weights(weights=weights), time.monotonic() + timeout_s)
         return {"checksums": sums, "seconds": time.perf_counter() - t0}
-
-    def rollfleet_raw_broadcast(self, nbytes: int, iters: int, timeout_s: float) -> float:
-        """Benchmark ceiling: join `iters` raw broadcasts of one buffer (no packing, no loading)."""
-        return sync.raw_broadcast(self.rollfleet_transport, nbytes, iters, time.monotonic() + timeout_s)
-
-    def rollfleet_param_sums(self, names: list[str]) -> dict[str, float]:
-        """float64 sums of named engine parameters on this TP rank (tests compare unsharded ones)."""
-        params = dict(self.model_runner.model.named_parameters())
-        return {n: float(params[n].detach().double().sum()) for n in names if n in params}

@@ -2,33 +2,27 @@
 
 ```python
 fleet = Fleet.start(spec)                      # placement groups + engines; waits timeouts.initSeconds
-outs = fleet.generate(prompts, {"n": 4, "temperature": 1.0, "max_tokens": 256})
+rollouts = fleet.rollouts()                    # asynchronous: submit / results / take (rollout.py)
+completions = fleet.generate(prompts, params)  # blocking, in prompt order
 sender = fleet.sender()                        # inside trainer rank 0: joins the sync group as rank 0
-stats = sender.push(model.named_parameters())  # bucketed broadcast, load, prefix reset, checksums
-fleet.health()                                 # answers even while a push or generate is in flight
+stats = sender.push(model.named_parameters())  # streamed bucketed broadcast, load, prefix reset, checksums
+fleet.health()                                 # answers even while a push or generation is in flight
 ```
-A Fleet holds only the spec and actor handles, so it can be passed to a trainer actor.
+A Fleet holds only the spec and actor handles, so it can be passed to trainer actors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from rollfleet.runtime import placement, sync, tiny
 from rollfleet.runtime.engine import EngineActor
+from rollfleet.runtime.rollout import Completion, Request, Rollouts, describe
 from rollfleet.spec import FleetSpec, load_spec, runtime_config
 
-
-@dataclasses.dataclass(frozen=True)
-class Output:
-    prompt_index: int
-    sample_index: int
-    text: str
-    token_ids: list[int]
-    weight_version: int
-    engine: int
+HEALTH_PROBE_SECONDS = 5.0  # after a failed push: an engine that does not answer health in this long froze
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,22 +30,21 @@ class PushStats:
     version: int
     bytes: int
     buckets: int
+    tensors: int
     seconds: float
     engines: int
     checksums_ok: bool | None  # None when sync.verifyChecksums is off
-    send_seconds: float = 0.0  # rank 0's data path: pack + broadcast until the last bucket left
-    profile: tuple = ()  # per engine: worker / receive RPC / reset seconds
+    send_seconds: float  # rank 0's data path: pack + broadcast until the last bucket left
+    profile: tuple = ()  # per engine: drain / receive RPC / reset / paused seconds, in-flight policy
 
     @property
     def gbps(self) -> float:
         return self.bytes / self.seconds / 1e9
 
-
-def _describe(exc: BaseException) -> str:
-    """The root cause of a Ray error, one line."""
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
+    @property
+    def paused_seconds(self) -> float:
+        """The longest time any engine admitted no new request for this push."""
+        return max((p["paused_seconds"] for p in self.profile), default=0.0)
 
 
 def gather(futures: list[Any], deadline: float, what: str, setting: str) -> list[Any]:
@@ -71,7 +64,7 @@ def gather(futures: list[Any], deadline: float, what: str, setting: str) -> list
             try:
                 results[index[f]] = ray.get(f)
             except Exception as exc:
-                raise sync.SyncError(f"{what}: engine {index[f]} failed: {_describe(exc)}") from None
+                raise sync.SyncError(f"{what}: engine {index[f]} failed: {describe(exc)}") from None
     return [results[i] for i in range(len(futures))]
 
 
@@ -84,13 +77,24 @@ def first_failure(futures: list[Any]) -> str | None:
             try:
                 ray.get(f)
             except Exception as exc:
-                return f"engine {i}: {_describe(exc)}"
+                return f"engine {i}: {describe(exc)}"
     return None
+
+
+def _prompt_request(prompt: Any, params: dict[str, Any] | None) -> Request:
+    if isinstance(prompt, Request):
+        return prompt
+    if isinstance(prompt, str):
+        return Request(prompt=prompt, params=params)
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        return Request(messages=prompt, params=params)
+    return Request(prompt_token_ids=list(prompt), params=params)
 
 
 class Fleet:
     def __init__(self, spec: FleetSpec, engines: list[Any], groups: list[Any]):
         self.spec, self.engines, self.groups = spec, engines, groups
+        self.version = 0  # the newest version this process pushed (WeightSender)
 
     @classmethod
     def start(cls, spec: FleetSpec, model: str | None = None) -> Fleet:
@@ -105,7 +109,7 @@ class Fleet:
         groups = placement.reserve_engines(spec, spec.timeouts.init_seconds)
         actor = ray.remote(EngineActor)
         config = runtime_config(spec)
-        engines = [actor.options(name=None, **placement.engine_options(spec, g)).remote(config, i, model)
+        engines = [actor.options(**placement.engine_options(spec, g)).remote(config, i, model)
                    for i, g in enumerate(groups)]
         fleet = cls(spec, engines, groups)
         try:
@@ -119,37 +123,48 @@ class Fleet:
                   f"gpus={info['gpus']}", flush=True)
         return fleet
 
-    def generate(self, prompts: list[str], params: dict[str, Any] | None = None,
-                 timeout_s: float | None = None) -> list[Output]:
-        """Spread prompts over the engines in contiguous chunks (keeps prefix locality); every output
-        carries the weight version it was generated with."""
-        timeout_s = timeout_s or self.spec.timeouts.health_seconds
-        k = len(self.engines)
-        bounds = [round(i * len(prompts) / k) for i in range(k + 1)]
-        calls = [(bounds[i], self.engines[i].generate.remote(prompts[bounds[i]:bounds[i + 1]], params))
-                 for i in range(k) if bounds[i] < bounds[i + 1]]
-        results = gather([f for _, f in calls], time.monotonic() + timeout_s, "generate",
-                         f"timeout_s={timeout_s:g} (default timeouts.healthSeconds)")
-        outs = []
-        for (start, _), per_prompt in zip(calls, results):
-            for j, samples in enumerate(per_prompt):
-                outs.extend(Output(start + j, s_i, s["text"], s["token_ids"], s["weight_version"], s["engine"])
-                            for s_i, s in enumerate(samples))
-        return outs
+    def rollouts(self) -> Rollouts:
+        """A new rollout client (its own queue on every engine): submit, results, take."""
+        return Rollouts(self)
+
+    def generate(self, prompts: Iterable[Any], params: dict[str, Any] | None = None,
+                 timeout_s: float | None = None) -> list[Completion]:
+        """Blocking: one Completion per prompt, in order. A prompt is text, token ids, chat messages
+        or a Request; `params` are the sampling params of the non-Request ones."""
+        with self.rollouts() as client:
+            return client.generate([_prompt_request(p, params) for p in prompts], timeout_s)
 
     def sender(self, device: Any = None) -> WeightSender:
         """Call inside trainer rank 0: forms the sync group with every engine worker."""
         return WeightSender(self, device)
 
-    def health(self) -> list[dict[str, Any]]:
+    def health(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         """Each engine's state and weight version; errors name the engine (timeouts.healthSeconds)."""
-        t = self.spec.timeouts.health_seconds
+        t = self.spec.timeouts.health_seconds if timeout_s is None else timeout_s
         return gather([e.health.remote() for e in self.engines], time.monotonic() + t, "health",
-                      f"timeouts.healthSeconds={t}")
+                      f"timeouts.healthSeconds={t:g}")
 
-    def param_sums(self, names: list[str]) -> list[list[dict[str, float]]]:
+    def unresponsive(self, timeout_s: float = HEALTH_PROBE_SECONDS) -> list[str]:
+        """Engines that died or do not answer health within `timeout_s` (frozen), one line each."""
+        import ray
+
+        refs = [e.health.remote() for e in self.engines]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out = []
+        for i, ref in enumerate(refs):
+            if ref not in ready:
+                out.append(f"engine {i} stopped responding (health did not answer within {timeout_s:g} s)")
+                continue
+            try:
+                ray.get(ref)
+            except Exception as exc:
+                out.append(f"engine {i} died ({describe(exc)})")
+        return out
+
+    def call(self, fn: Callable, *args: Any) -> list[list[Any]]:
+        """`fn(worker, *args)` in every worker of every engine (benchmarks and tests)."""
         t = self.spec.sync.timeout_seconds
-        return gather([e.param_sums.remote(names) for e in self.engines], time.monotonic() + t, "param sums",
+        return gather([e.call.remote(fn, *args) for e in self.engines], time.monotonic() + t, "call",
                       f"sync.timeoutSeconds={t}")
 
     def shutdown(self) -> None:
@@ -179,8 +194,10 @@ class WeightSender:
         import torch
 
         spec = fleet.spec
-        self.fleet, self.version = fleet, 0
+        self.fleet, self.version = fleet, fleet.version
         self.timeout_s = spec.sync.timeout_seconds
+        self.bucket_bytes = spec.sync.bucket_mib << 20
+        self.inflight = spec.sync.inflight
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if spec.engine == "vllm" else "cpu"
         self.device = torch.device(device)
@@ -198,44 +215,57 @@ class WeightSender:
             max(deadline - time.monotonic(), 1), "sync group init on rank 0 (trainer)")
         self.ranks = gather(joins, deadline, "sync group join", f"sync.timeoutSeconds={self.timeout_s}")
         self.store = store  # keeps the rendezvous server alive for the group's lifetime
+        self.broken: str | None = None
 
-    def push(self, named_tensors: Iterable[tuple[str, Any]], verify: bool | None = None,
-             bucket_mib: int | None = None, load: bool = True) -> PushStats:
-        """Bucketed broadcast of HF-named, unsharded tensors to every engine; each engine loads them,
-        resets its prefix cache, and its checksums must equal the sender's (`verify`, default
-        sync.verifyChecksums)."""
+    def push(self, named_tensors: Iterable[tuple[str, Any]], verify: bool | None = None) -> PushStats:
+        """Stream HF-named, unsharded tensors to every engine, bucket by bucket, consuming the
+        iterable lazily (extra memory on this rank: two buckets + the one tensor read ahead). Each
+        engine applies `sync.inflight`, loads, resets its prefix cache, and its checksums must equal
+        the sender's (`verify`, default sync.verifyChecksums)."""
+        if self.broken:
+            raise sync.SyncError(f"push v{self.version + 1}: the sync group is broken since {self.broken}; "
+                                 f"restart the fleet to form it again")
         spec = self.fleet.spec
-        items = [(n, t) for n, t in named_tensors]
-        self.version += 1
-        verify = spec.sync.verify_checksums if verify is None else verify
-        plan = sync.plan_buckets(items, (bucket_mib or spec.sync.bucket_mib) << 20, self.version, verify)
-        if not load:  # bench profiling only: receivers skip load_weights
-            plan = dataclasses.replace(plan, load=False)
+        push = sync.Push(self.version + 1, self.bucket_bytes,
+                         spec.sync.verify_checksums if verify is None else verify, self.inflight)
+        what = f"push v{push.version}"
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
-        acks = [e.receive.remote(plan) for e in self.fleet.engines]
-        what = f"push v{self.version}"
+        acks = [e.receive.remote(push) for e in self.fleet.engines]  # before the first tensor exists
         try:
-            sent = sync.send(plan, [t for _, t in items], self.transport, deadline, lambda: first_failure(acks))
+            sent = sync.send(push, named_tensors, self.transport, deadline, lambda: first_failure(acks))
             send_seconds = time.perf_counter() - t0
-        except sync.SyncError as exc:
-            # name the engine that broke the group, if Ray already knows
-            gather_deadline = time.monotonic() + min(5.0, self.timeout_s)
-            while time.monotonic() < gather_deadline and not first_failure(acks):
-                time.sleep(0.05)
-            culprit = first_failure(acks) or "no engine reported an error"
-            raise sync.SyncError(str(exc) if culprit in str(exc) else f"{exc}; {culprit}") from None
-        results = gather(acks, deadline, what, f"sync.timeoutSeconds={self.timeout_s}")
+            results = gather(acks, deadline, what, f"sync.timeoutSeconds={self.timeout_s}")
+        except (sync.SyncError, TimeoutError) as exc:
+            self.broken = what
+            raise sync.SyncError(self._blame(exc, acks)) from None
         seconds = time.perf_counter() - t0
         ok = None
-        if plan.verify:
+        if push.verify:
             for r in results:
                 for tp_rank, sums in enumerate(r["checksums"]):
-                    if sums != sent:
-                        buckets = [k for k, (a, b) in enumerate(zip(sums, sent)) if a != b] or "count"
+                    if sums != sent.checksums:
+                        buckets = [k for k, (a, b) in enumerate(zip(sums, sent.checksums)) if a != b] or "count"
+                        self.broken = what
                         raise sync.SyncError(f"{what}: engine {r['engine']} TP rank {tp_rank} checksum mismatch "
                                              f"in bucket(s) {buckets}; the transport corrupted data")
             ok = True
-        profile = tuple({k: round(v, 5) for k, v in r.items() if k.endswith("seconds")} for r in results)
-        return PushStats(self.version, plan.total_bytes, len(plan.buckets), seconds, len(results), ok,
+        self.version = push.version
+        self.fleet.version = max(self.fleet.version, push.version)
+        profile = tuple({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items() if k != "checksums"}
+                        for r in results)
+        return PushStats(push.version, sent.bytes, sent.buckets, sent.tensors, seconds, len(results), ok,
                          send_seconds, profile)
+
+    def _blame(self, exc: BaseException, acks: list[Any]) -> str:
+        """Name the engine that stopped making progress, not a healthy one that timed out waiting."""
+        stuck = self.fleet.unresponsive()
+        if not stuck:  # every engine answers: whatever Ray already knows, or the error itself
+            deadline = time.monotonic() + min(5.0, self.timeout_s)
+            while time.monotonic() < deadline and not first_failure(acks):
+                time.sleep(0.05)
+            failure = first_failure(acks)
+            stuck = [failure] if failure and failure not in str(exc) else []
+        culprit = "; ".join(stuck) or "no engine reported an error"
+        return (f"{exc}; {culprit}. The sync group is broken (every engine's weights are undefined): "
+                f"restart the fleet to form it again")

@@ -1,53 +1,56 @@
 """The RayJob entrypoint: `python -m rollfleet.runtime.launch --config /etc/rollfleet/fleet.json`.
 
-Starts the engines on the inference pool, then runs the trainer on the trainer pool: the built-in
-GRPO-shaped smoke trainer, or `job.entrypoint` (`module:function`, called as `function(fleet, spec)`).
+Starts the engines on the inference pool and the trainer group on the trainer pool, then runs
+`job.entrypoint` (`module:function`, called as `function(ctx)` on every trainer rank; trainer_group.py)
+or, when it is unset, the built-in GRPO trainer (trainer.py), printing its per-step table as it goes.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
 from pathlib import Path
 
-from rollfleet.spec import FleetSpec, SpecError, load_spec, runtime_config
+from rollfleet.spec import FleetSpec, SpecError, load_spec
 
 
 def run(spec: FleetSpec, model: str | None = None) -> int:
-    """Start the fleet on the connected Ray cluster and run the trainer. Returns an exit code."""
-    import ray
-
-    from rollfleet.runtime import placement, tiny
+    """Start the fleet and the trainer group on the connected Ray cluster, run the trainer."""
+    from rollfleet.runtime import tiny, trainer
     from rollfleet.runtime.fleet import Fleet
-    from rollfleet.runtime.trainer import SmokeTrainer, passed, table
+    from rollfleet.runtime.trainer_group import BUILTIN, TrainerGroup
 
     model = model or tiny.resolve(spec.model.name)
     fleet = Fleet.start(spec, model)
+    group = None
     try:
+        group = TrainerGroup.start(spec)
         if spec.job.entrypoint:
-            module, _, func = spec.job.entrypoint.partition(":")
-            result = getattr(importlib.import_module(module), func)(fleet, spec)
+            result = group.run(fleet, spec.job.entrypoint, timeout_s=spec.job.active_deadline_seconds,
+                               setting="job.activeDeadlineSeconds")
             return int(result or 0)
-        trainer = ray.remote(SmokeTrainer).options(**placement.trainer_options(spec)).remote(
-            runtime_config(spec), model)
         t0 = time.monotonic()
-        # every step is bounded by the sync and health timeouts; this bounds the whole run
+        ranks = spec.pools.trainer.gpus
+        print(f"trainer group: {ranks} rank(s); " + (
+            f"weights sharded with FSDP2 (fully_shard per decoder layer + root) across the {ranks} ranks, gradients "
+            f"averaged, gathered tensor by tensor for each push from rank 0" if ranks > 1 else
+            "weights unsharded on the one rank"), flush=True)
+        print(f"[rollfleet] built-in GRPO trainer: {spec.job.steps} steps, sync.inflight={spec.sync.inflight}, "
+              f"rollout.maxStaleness={spec.rollout.max_staleness}", flush=True)
+        print(trainer.table_header(), flush=True)
+        # every wait inside a step is bounded by the sync and health timeouts; this bounds the whole run
         budget = spec.timeouts.init_seconds + spec.job.steps * (spec.sync.timeout_seconds + 3 * spec.timeouts.health_seconds)
-        ready, _ = ray.wait([ref := trainer.run.remote(fleet, spec.job.steps)], timeout=budget)
-        if not ready:
-            print(f"[rollfleet] smoke trainer did not finish within {budget} s "
-                  f"(initSeconds + steps × (sync.timeoutSeconds + 3 × healthSeconds))", file=sys.stderr)
-            return 1
-        rows = ray.get(ref)
-        print(table(rows), flush=True)
-        print(f"[rollfleet] {len(rows)} steps in {time.monotonic() - t0:.1f} s: "
-              f"{'PASS' if passed(rows) else 'FAIL'}", flush=True)
+        rows = group.run(fleet, BUILTIN, on_report=lambda row: print(trainer.table_row(row), flush=True),
+                         timeout_s=budget, setting="initSeconds + steps × (sync.timeoutSeconds + 3 × healthSeconds)")
+        ok = trainer.passed(rows, spec.rollout.max_staleness)
+        print(f"[rollfleet] {len(rows)} steps in {time.monotonic() - t0:.1f} s: {'PASS' if ok else 'FAIL'}", flush=True)
         print("ROLLFLEET_RESULT " + json.dumps(rows), flush=True)
-        return 0 if passed(rows) else 1
+        return 0 if ok else 1
     finally:
+        if group is not None:
+            group.shutdown()
         fleet.shutdown()
 
 

@@ -1,4 +1,4 @@
-"""Placement: one placement group per engine on the inference pool; trainers on the trainer pool.
+"""Placement: one placement group per engine on the inference pool, one per node on the trainer pool.
 
 Pools are Ray custom resources set per worker group in the RayCluster (`inference: <gpusPerNode>`,
 `trainer: <gpusPerNode>`), so an engine can never land on a trainer GPU and vice versa.
@@ -28,46 +28,67 @@ def engine_bundle(spec: FleetSpec) -> dict[str, float]:
     return {"CPU": 1, "inference": 1}  # the CPU stand-in: one inference slot per engine
 
 
-def trainer_options(spec: FleetSpec) -> dict[str, Any]:
-    gpu = spec.engine == "vllm"
-    return {"num_gpus": 1 if gpu else 0, "num_cpus": 1, "resources": {"trainer": 1},
-            "runtime_env": actor_env(spec)}
+def trainer_bundle(spec: FleetSpec) -> dict[str, float]:
+    return {"GPU": 1, "CPU": 1, "trainer": 1} if spec.engine == "vllm" else {"CPU": 1, "trainer": 1}
 
 
-def reserve_engines(spec: FleetSpec, timeout_s: float) -> list[Any]:
-    """One STRICT_PACK placement group per engine; waits up to `timeout_s` for all of them."""
+def _reserve(spec: FleetSpec, bundles: list[list[dict[str, float]]], what: str, timeout_s: float) -> list[Any]:
+    """STRICT_PACK placement groups (one per entry of `bundles`); waits up to `timeout_s` for all."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundle = engine_bundle(spec)
     # names are unique per job namespace: a suffix lets a second fleet (or a restart) reserve its own
     suffix = uuid.uuid4().hex[:8]
-    groups = [placement_group([bundle], strategy="STRICT_PACK", name=f"{spec.name}-engine-{i}-{suffix}")
-              for i in range(spec.engines)]
+    groups = [placement_group(b, strategy="STRICT_PACK", name=f"{spec.name}-{what}-{i}-{suffix}")
+              for i, b in enumerate(bundles)]
     ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=timeout_s)
     if len(ready) < len(groups):
         for g in groups:
             remove_placement_group(g)
-        need = {k: v * len(groups) for k, v in bundle.items()}
+        need: dict[str, float] = {}
+        for b in (x for group in bundles for x in group):
+            for k, v in b.items():
+                need[k] = need.get(k, 0) + v
         raise PlacementTimeout(
-            f"placement: {len(ready)}/{len(groups)} engine placement groups ready after {timeout_s:g} s "
-            f"(timeouts.initSeconds); requested {need} in bundles of {bundle}, the cluster has "
+            f"placement: {len(ready)}/{len(groups)} {what} placement groups ready after {timeout_s:g} s "
+            f"(timeouts.initSeconds); requested {need} in groups of {bundles[0]}, the cluster has "
             f"{_fmt(ray.cluster_resources())} of which {_fmt(ray.available_resources())} are free. "
-            f"Check that the inference pool registered its GPUs and the `inference` resource.")
+            f"Check that the {'inference' if what == 'engine' else 'trainer'} pool registered its GPUs and "
+            f"its `{'inference' if what == 'engine' else 'trainer'}` resource.")
     return groups
 
 
-def engine_options(spec: FleetSpec, group: Any) -> dict[str, Any]:
+def reserve_engines(spec: FleetSpec, timeout_s: float) -> list[Any]:
+    """One placement group per engine (TP GPUs of one node)."""
+    return _reserve(spec, [[engine_bundle(spec)]] * spec.engines, "engine", timeout_s)
+
+
+def reserve_trainers(spec: FleetSpec, timeout_s: float) -> list[Any]:
+    """One placement group per trainer node, a bundle per GPU: ranks go node by node."""
+    pool = spec.pools.trainer
+    return _reserve(spec, [[trainer_bundle(spec)] * pool.gpus_per_node] * pool.nodes, "trainer", timeout_s)
+
+
+def _in(group: Any, bundle: int) -> Any:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle,
+                                            placement_group_capture_child_tasks=True)
+
+
+def engine_options(spec: FleetSpec, group: Any) -> dict[str, Any]:
     bundle = engine_bundle(spec)
     return {
         "num_gpus": bundle.get("GPU", 0), "num_cpus": bundle["CPU"], "resources": {"inference": bundle["inference"]},
-        "max_concurrency": 4,  # generate/receive serialize on the engine lock; health never waits
-        "runtime_env": actor_env(spec),
-        "scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
+        "max_concurrency": 32,  # submit / poll (one per client) / receive / health ... never queue behind each other
+        "runtime_env": actor_env(spec), "scheduling_strategy": _in(group, 0),
     }
+
+
+def trainer_options(spec: FleetSpec, group: Any, bundle: int) -> dict[str, Any]:
+    b = trainer_bundle(spec)
+    return {"num_gpus": b.get("GPU", 0), "num_cpus": b["CPU"], "resources": {"trainer": 1},
+            "runtime_env": actor_env(spec), "scheduling_strategy": _in(group, bundle)}
 
 
 def _fmt(resources: dict[str, float]) -> str:

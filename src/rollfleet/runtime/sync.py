@@ -13,10 +13,12 @@ broadcast, not k. Tensors are packed into buckets; two buffers let packing (send
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -40,7 +42,26 @@ def describe_rank(rank: int, tp_size: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The bucket plan: sent once per push, in the single control call each engine gets.
+# The wire format. A push's one control message (`Push`) carries no tensor metadata: each bucket
+# travels behind a small header broadcast (its slots, its size, whether it is the last), so the
+# sender packs straight from a lazy iterator (a sharded model gathered tensor by tensor) and the
+# control call reaches the engines before the first tensor exists.
+
+
+@dataclasses.dataclass(frozen=True)
+class Push:
+    version: int
+    bucket_bytes: int
+    verify: bool
+    inflight: str = "wait"  # what each engine does with requests in flight (sync.inflight)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain data for RPC layers that do not keep dataclasses (vLLM's collective_rpc)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: Push | dict[str, Any]) -> Push:
+        return data if isinstance(data, Push) else cls(**data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,71 +73,30 @@ class Slot:
     nbytes: int
 
 
-@dataclasses.dataclass(frozen=True)
-class Bucket:
-    nbytes: int
-    slots: tuple[Slot, ...]
+def header_bytes(bucket_bytes: int) -> int:
+    """Size of the header broadcast before each bucket (both sides derive it from the Push)."""
+    return min(256 << 10, max(16 << 10, bucket_bytes // 256))
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    version: int
-    buckets: tuple[Bucket, ...]
-    verify: bool
-    load: bool = True  # False only in `bench gpu --profile`: isolates the transport from load_weights
+def encode_header(slots: list[Slot], nbytes: int, last: bool) -> bytes:
+    body = json.dumps({"nbytes": nbytes, "last": last,
+                       "slots": [[s.name, s.dtype, list(s.shape), s.offset, s.nbytes] for s in slots]}).encode()
+    return len(body).to_bytes(8, "little") + body
 
-    def to_wire(self) -> dict[str, Any]:
-        """Plain data for RPC layers that do not keep dataclasses (vLLM's collective_rpc)."""
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_wire(cls, data: Plan | dict[str, Any]) -> Plan:
-        if isinstance(data, Plan):
-            return data
-        buckets = tuple(Bucket(b["nbytes"], tuple(Slot(s["name"], s["dtype"], tuple(s["shape"]), s["offset"], s["nbytes"])
-                                                   for s in b["slots"])) for b in data["buckets"])
-        return cls(data["version"], buckets, data["verify"], data.get("load", True))
-
-    @property
-    def buffer_bytes(self) -> int:
-        return max((b.nbytes for b in self.buckets), default=0)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.nbytes for b in self.buckets for s in b.slots)
+def decode_header(raw: bytes) -> tuple[list[Slot], int, bool]:
+    body = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    return [Slot(n, d, tuple(sh), o, b) for n, d, sh, o, b in body["slots"]], body["nbytes"], body["last"]
 
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def plan_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, version: int,
-                 verify: bool) -> Plan:
-    """Greedy packing in parameter order; a tensor larger than a bucket gets a bucket of its own."""
-    buckets: list[Bucket] = []
-    slots: list[Slot] = []
-    used = 0
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if slots and used + nbytes > bucket_bytes:
-            buckets.append(Bucket(used, tuple(slots)))
-            slots, used = [], 0
-        slots.append(Slot(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), used, nbytes))
-        used = _align(used + nbytes)
-    if slots:
-        buckets.append(Bucket(used, tuple(slots)))
-    return Plan(version, tuple(buckets), verify)
-
-
-def view(buffer: torch.Tensor, slot: Slot) -> torch.Tensor:
-    """A view of `slot` inside a uint8 bucket buffer, with the tensor's dtype and shape."""
-    return buffer[slot.offset:slot.offset + slot.nbytes].view(getattr(torch, slot.dtype)).view(slot.shape)
-
-
-def checksum(buffer: torch.Tensor) -> torch.Tensor:
-    """Sum of the bucket's 64-bit words, wrapping mod 2^64 (one native pass, on CPU and GPU alike;
-    catches truncation and corrupted bytes). Buckets are ALIGN-padded, so the view always fits."""
-    return buffer.view(torch.int64).sum()
+def _slot(name: str, t: torch.Tensor, offset: int) -> tuple[Slot, int]:
+    """The slot of `t` at `offset` and the bytes its entry takes in the bucket header."""
+    slot = Slot(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, t.numel() * t.element_size())
+    return slot, len(json.dumps([slot.name, slot.dtype, list(slot.shape), slot.offset, slot.nbytes])) + 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +125,12 @@ class Transport:
         """Wait until every handle completed; `failed()` names a peer known to be dead."""
         for h in handles:
             self.ready(h, deadline, what)
+
+    def fetch(self, handle: Any, tensor: torch.Tensor, deadline: float, what: str) -> bytes:
+        """The bytes of `tensor` on the host once broadcast `handle` completed (headers only: it
+        waits for the transport, never for work queued on the compute stream)."""
+        self.ready(handle, deadline, what)
+        return tensor.numpy().tobytes()
 
 
 class GlooTransport(Transport):
@@ -199,13 +185,23 @@ class NcclTransport(Transport):
                 now = time.monotonic()
                 if now > deadline:
                     raise SyncError(f"{what}: NCCL did not complete before the deadline "
-                                    f"(sync.timeoutSeconds); the group is broken, restart the fleet")
+                                    f"(sync.timeoutSeconds); the sync group is broken, restart the fleet")
                 if now - checked > 0.05:
                     checked = now
                     problem = failed()
                     if problem:
-                        raise SyncError(f"{what}: {problem}; the group is broken, restart the fleet")
+                        raise SyncError(f"{what}: {problem}; the sync group is broken, restart the fleet")
                 time.sleep(0.0002)
+
+    def fetch(self, handle, tensor, deadline, what):
+        if getattr(self, "_host", None) is None or self._host.numel() < tensor.numel():
+            self._host = torch.empty(tensor.numel(), dtype=torch.uint8, pin_memory=True)
+        host = self._host[:tensor.numel()]
+        with torch.cuda.stream(self.stream):  # behind the broadcast, not behind loads on the compute stream
+            host.copy_(tensor, non_blocking=True)
+            copied = self.stream.record_event()
+        self.finish([copied], deadline, what)
+        return host.numpy().tobytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,75 +291,145 @@ def join(backend: str, host: str, port: int, rank: int, world_size: int, device:
 # The data path.
 
 
-def send(plan: Plan, tensors: list[torch.Tensor], transport: Transport, deadline: float,
-         failed: Callable[[], str | None] = lambda: None) -> list[int]:
-    """Rank 0: pack bucket k+1 while bucket k is on the wire (two buffers). Returns checksums.
-    `failed()` is polled while waiting on the GPU, so a dead receiver ends the wait early."""
+def view(buffer: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """A view of `slot` inside a uint8 bucket buffer, with the tensor's dtype and shape."""
+    return buffer[slot.offset:slot.offset + slot.nbytes].view(getattr(torch, slot.dtype)).view(slot.shape)
+
+
+def checksum(buffer: torch.Tensor) -> torch.Tensor:
+    """Sum of the bucket's 64-bit words, wrapping mod 2^64 (one native pass, on CPU and GPU alike;
+    catches truncation and corrupted bytes). Buckets are ALIGN-padded, so the view always fits."""
+    return buffer.view(torch.int64).sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class Sent:
+    checksums: list[int]
+    bytes: int
+    buckets: int
+    tensors: int
+
+
+class _Buffers:
+    """Two bucket buffers, grown (never shrunk) when a tensor exceeds the bucket size."""
+
+    def __init__(self, bucket_bytes: int, device: torch.device):
+        self.bucket_bytes, self.device = bucket_bytes, device
+        self.buffers: list[torch.Tensor | None] = [None, None]
+
+    def get(self, k: int, nbytes: int) -> torch.Tensor:
+        """Buffer k % 2, at least `nbytes` long (the whole buffer: slice it to the bucket)."""
+        buf = self.buffers[k % 2]
+        if buf is None or buf.numel() < nbytes:
+            if buf is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the old buffer may still be read (rare: oversized tensor)
+            buf = self.buffers[k % 2] = torch.empty(max(nbytes, self.bucket_bytes, ALIGN), dtype=torch.uint8,
+                                                    device=self.device)
+        return buf
+
+
+def send(push: Push, named_tensors: Iterable[tuple[str, torch.Tensor]], transport: Transport, deadline: float,
+         failed: Callable[[], str | None] = lambda: None) -> Sent:
+    """Rank 0: pull tensors lazily and pack each into the bucket at once, so at most one source
+    tensor is alive (the one read ahead); bucket k+1 is packed while bucket k is on the wire (two
+    buffers), each behind its header. Extra memory: two buckets + the largest tensor. Greedy in
+    iteration order; a tensor larger than a bucket gets one of its own; a bucket also closes when
+    its header is full. `failed()` is polled while waiting on the GPU (a dead receiver ends it)."""
     device = transport.device
     cuda = device.type == "cuda"
-    buffers = [torch.empty(plan.buffer_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+    hsize = header_bytes(push.bucket_bytes)
+    buffers = _Buffers(push.bucket_bytes, device)
+    headers = [torch.zeros(hsize, dtype=torch.uint8, device=device) for _ in range(2)]
+    hosts = [torch.zeros(hsize, dtype=torch.uint8, pin_memory=True) for _ in range(2)] if cuda else headers
     pack_stream = torch.cuda.Stream(device=device) if cuda else None
-    if cuda:  # the optimizer step that produced these tensors runs on the current stream
-        pack_stream.wait_stream(torch.cuda.current_stream(device))
-    sent: list[Any] = []
-    sums: list[torch.Tensor] = []
-    index = 0
-    for k, bucket in enumerate(plan.buckets):
-        buf = buffers[k % 2][:bucket.nbytes]
-        if k >= 2:  # this buffer carried bucket k-2: reuse it only once that broadcast is done
+    # per buffer (k % 2): the header copy, header broadcast and data broadcast of its last bucket
+    copied: list[Any] = [None, None]
+    heads: list[Any] = [None, None]
+    sent: list[Any] = [None, None]
+    sums: list[int] = []
+    nbytes_total = count = 0
+    source = iter(named_tensors)
+    pending = next(source, None)
+    for k in itertools.count():
+        i = k % 2
+        if k >= 2:  # buffers i carried bucket k-2: reuse them only once its broadcast is done
             if cuda:
-                pack_stream.wait_event(sent[k - 2])
+                copied[i].synchronize()
+                pack_stream.wait_event(sent[i])
             else:
-                transport.ready(sent[k - 2], deadline, f"push v{plan.version} bucket {k - 2}")
-        with torch.cuda.stream(pack_stream):  # no-op for None (CPU)
-            for slot in bucket.slots:
-                src = tensors[index]
-                index += 1
-                buf[slot.offset:slot.offset + slot.nbytes].copy_(
-                    src.detach().reshape(-1).view(torch.uint8), non_blocking=True)
-            if plan.verify:
-                sums.append(checksum(buf))
+                transport.finish([heads[i], sent[i]], deadline, f"push v{push.version} bucket {k - 2}")
+            if push.verify:
+                sums[k - 2] = int(sums[k - 2])  # long done: no sync
+        first = pending[1].numel() * pending[1].element_size() if pending is not None else 0
+        buf = buffers.get(k, _align(first))
+        slots: list[Slot] = []
+        used, header = 0, 64  # 64: the header's fixed JSON and length prefix
+        while pending is not None:
+            name, t = pending
+            slot, entry = _slot(name, t, used)
+            if entry + 64 > hsize:
+                raise SyncError(f"weight {name[:100]!r}: its name and shape do not fit a bucket header "
+                                f"({hsize} bytes); raise sync.bucketMiB")
+            if slots and (used + slot.nbytes > push.bucket_bytes or header + entry > hsize):
+                break
+            if cuda:  # t was produced on the current stream (an optimizer step, a gather)
+                pack_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(pack_stream):  # no-op for None (CPU)
+                buf[used:used + slot.nbytes].copy_(t.detach().reshape(-1).view(torch.uint8), non_blocking=True)
+            if cuda:
+                t.record_stream(pack_stream)  # a transient (gathered) tensor is not reused under the copy
+            slots.append(slot)
+            used, header = _align(used + slot.nbytes), header + entry
+            pending = t = None  # dropped before the next one is produced
+            pending = next(source, None)
+        last = pending is None
+        raw = encode_header(slots, used, last)
+        hosts[i][:len(raw)].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        with torch.cuda.stream(pack_stream):
+            if cuda:
+                headers[i][:len(raw)].copy_(hosts[i][:len(raw)], non_blocking=True)
+                copied[i] = pack_stream.record_event()
+            if push.verify:
+                sums.append(checksum(buf[:used]))
             packed = pack_stream.record_event() if cuda else None
-        sent.append(transport.broadcast(buf, after=packed))
-    transport.finish(sent, deadline, f"push v{plan.version}", failed)
-    return [int(s) for s in sums]
+        heads[i] = transport.broadcast(headers[i], after=copied[i])
+        sent[i] = transport.broadcast(buf[:used], after=packed)
+        nbytes_total += sum(s.nbytes for s in slots)
+        count += len(slots)
+        if last:
+            break
+    transport.finish([h for h in heads + sent if h is not None], deadline, f"push v{push.version}", failed)
+    return Sent([int(s) for s in sums], nbytes_total, k + 1, count)
 
 
-def raw_broadcast(transport: Transport, nbytes: int, iters: int, deadline: float) -> float:
-    """The ceiling: seconds per broadcast of one `nbytes` buffer (after one warm-up). Every rank
-    calls it with the same arguments; rank 0 sends."""
-    buf = torch.empty(nbytes, dtype=torch.uint8, device=transport.device)
-    transport.finish([transport.broadcast(buf)], deadline, "raw broadcast warm-up")
-    t0 = time.perf_counter()
-    transport.finish([transport.broadcast(buf) for _ in range(iters)], deadline, "raw broadcast")
-    return (time.perf_counter() - t0) / iters
-
-
-def receive(plan: Plan, transport: Transport, load_fn: Callable[[list[tuple[str, torch.Tensor]]], Any],
+def receive(push: Push, transport: Transport, load_fn: Callable[[list[tuple[str, torch.Tensor]]], Any],
             deadline: float) -> list[int]:
     """Receiver: bucket k+1 arrives while bucket k is loaded. Returns the checksums of what arrived."""
-    buffers = [torch.empty(plan.buffer_bytes, dtype=torch.uint8, device=transport.device) for _ in range(2)]
-    n = len(plan.buckets)
-    arrived: list[Any] = []
+    hsize = header_bytes(push.bucket_bytes)
+    headers = [torch.zeros(hsize, dtype=torch.uint8, device=transport.device) for _ in range(2)]
+    buffers = _Buffers(push.bucket_bytes, transport.device)
     loaded: list[Any] = []
     sums: list[torch.Tensor] = []
-
-    def start(k: int):
-        # the buffer was last used by bucket k-2, whose load must be enqueued/complete first
-        arrived.append(transport.broadcast(buffers[k % 2][:plan.buckets[k].nbytes],
-                                           after=loaded[k - 2] if k >= 2 else None))
-
-    if n:
-        start(0)
-    for k, bucket in enumerate(plan.buckets):
-        if k + 1 < n:
-            start(k + 1)
-        transport.ready(arrived[k], deadline, f"receive v{plan.version} bucket {k}")
-        buf = buffers[k % 2][:bucket.nbytes]
-        if plan.verify:
+    what = f"receive v{push.version}"
+    header = transport.broadcast(headers[0])
+    slots, nbytes, last = decode_header(transport.fetch(header, headers[0], deadline, f"{what} header 0"))
+    k = 0
+    data = transport.broadcast(buffers.get(0, nbytes)[:nbytes])
+    while True:
+        if not last:
+            header = transport.broadcast(headers[(k + 1) % 2])
+        transport.ready(data, deadline, f"{what} bucket {k}")
+        buf = buffers.get(k, nbytes)[:nbytes]
+        if push.verify:
             sums.append(checksum(buf))
-        if plan.load:
-            load_fn([(slot.name, view(buf, slot)) for slot in bucket.slots])
+        load_fn([(slot.name, view(buf, slot)) for slot in slots])
         loaded.append(transport.mark())
-    transport.finish([h for h in loaded if h is not None], deadline, f"load v{plan.version}")
+        if last:
+            break
+        slots, nbytes, last = decode_header(transport.fetch(header, headers[(k + 1) % 2], deadline,
+                                                            f"{what} header {k + 1}"))
+        k += 1
+        # the buffer last held bucket k-2, whose load must be complete first
+        data = transport.broadcast(buffers.get(k, nbytes)[:nbytes], after=loaded[k - 2] if k >= 2 else None)
+    transport.finish([h for h in loaded if h is not None], deadline, f"load v{push.version}")
     return [int(s) for s in sums]

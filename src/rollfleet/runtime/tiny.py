@@ -13,8 +13,11 @@ import tempfile
 from pathlib import Path
 
 TINY_MODEL = "rollfleet/tiny-random-qwen2"
-VERSION = 2  # bump when the recipe changes
+VERSION = 3  # bump when the recipe changes
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ChatML, as Qwen2's tokenizers carry it
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def _corpus(lines: int = 4000) -> list[str]:
@@ -56,6 +59,7 @@ def build(out: Path, hidden: int = 256, layers: int = 2) -> None:
     config = out / "tokenizer_config.json"
     data = json.loads(config.read_text())
     data["tokenizer_class"] = "PreTrainedTokenizerFast"  # never a hub-specific slow tokenizer
+    data["chat_template"] = CHAT_TEMPLATE
     config.write_text(json.dumps(data, indent=2))
 
 

@@ -1,8 +1,10 @@
 """`rollfleet demo` / `make demo`: the embedded default, on this machine, no GPU, no downloads.
 
-The same runtime as in the image (launch.run: placement groups, engine actors, sync group, smoke
-trainer) on a local Ray, with the values of manifests/examples/local.yaml: 1 trainer + 2 engines, a
-tiny random Qwen2 built on the fly, and the CPU STAND-IN engine over gloo in place of vLLM over NCCL.
+The same runtime as in the image (launch.run: placement groups, async engine actors, the trainer
+group, the sync group, the built-in GRPO trainer) on a local Ray, with the values of
+manifests/examples/local.yaml: 2 trainer ranks (FSDP2 over gloo) + 2 engines, a tiny random Qwen2
+built on the fly, and the CPU STAND-IN engine over gloo in place of vLLM over NCCL. Ray starts only
+what the demo needs (no dashboard) and waits longer for its own processes on a loaded machine.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from importlib import resources
 LOCAL_VALUES = "local.yaml"
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           # the raylet waits this long for its agents (30 s by default): a loaded 2-core machine needs more
+           "RAY_raylet_start_wait_time_s": "120"}
 
 
 def local_spec(sets: list[str] = ()):
@@ -31,7 +35,7 @@ def start_local_ray(spec, extra_cpus: int = 2):
     import ray
 
     # address="local": always a new local Ray, never one found via `ray start` or RAY_ADDRESS
-    ray.init(address="local", num_cpus=spec.engines + 1 + extra_cpus, num_gpus=0,
+    ray.init(address="local", num_cpus=spec.engines + spec.pools.trainer.gpus + extra_cpus, num_gpus=0,
              resources={"trainer": spec.pools.trainer.gpus, "inference": spec.engines},
              include_dashboard=False, logging_level="ERROR", log_to_driver=True)
     return ray
@@ -48,10 +52,17 @@ def main(args) -> int:
     from rollfleet.runtime import launch, tiny
 
     spec = local_spec(args.set)
-    print(f"rollfleet demo: {spec.engines} engines (CPU STAND-IN for vLLM, gloo in place of NCCL) + 1 trainer, "
-          f"{spec.job.steps} GRPO-shaped steps, model {spec.model.name}", flush=True)
+    print(f"rollfleet demo: {spec.engines} engines (CPU STAND-IN for vLLM, gloo in place of NCCL) + "
+          f"{spec.pools.trainer.gpus} trainer ranks, {spec.job.steps} asynchronous GRPO steps, model "
+          f"{spec.model.name}", flush=True)
     model = str(tiny.ensure())
-    ray = start_local_ray(spec)
+    try:
+        ray = start_local_ray(spec)
+    except Exception as exc:  # Ray's own processes did not come up: one line, and what to do
+        print(f"error: the local Ray did not start ({type(exc).__name__}: {str(exc).strip().splitlines()[-1]}); "
+              f"on a loaded machine retry, or raise RAY_raylet_start_wait_time_s (now "
+              f"{os.environ['RAY_raylet_start_wait_time_s']})", file=sys.stderr)
+        return 1
     try:
         return launch.run(spec, model)
     finally:

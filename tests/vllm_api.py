@@ -2,7 +2,7 @@
 
 The runtime must work with vLLM 0.14.1 (the image pin) and 0.20.2 (the GPU test host).
 tests/test_vllm_compat.py reads both real wheels from PyPI (only the needed .py files, never
-installed) and checks every `Use` below against each; it also AST-scans src/rollfleet/runtime/*.py
+installed) and checks every `Use` below against each; it also AST-scans src/rollfleet/**/*.py
 and fails when the runtime imports, calls or passes a keyword to a vLLM name not declared here.
 So: when the runtime starts using something new from vLLM, add one line here.
 
@@ -100,54 +100,74 @@ class Use:
         return s
 
 
-# LLM(**kwargs) -> EngineArgs(...): the engine arguments the runtime passes (engine.py, VllmEngine).
+# AsyncEngineArgs(...) (a dataclass extending EngineArgs): the engine arguments engine.py passes.
 ENGINE_ARGS = (
     "model", "tokenizer", "revision", "dtype", "seed", "tensor_parallel_size", "gpu_memory_utilization",
     "enable_prefix_caching", "enforce_eager", "max_model_len", "max_num_seqs", "distributed_executor_backend",
-    "worker_extension_cls",
-    "load_format",  # not passed by engine.py today (may come via vllm.extraEngineArgs)
+    "worker_extension_cls", "disable_log_stats",
+    "load_format",  # not passed by engine.py (may come via vllm.extraEngineArgs; the benchmarks use it)
 )
-# SamplingParams(...) keywords (a msgspec.Struct: class-level annotated fields).
-SAMPLING_PARAMS = ("n", "temperature", "top_p", "max_tokens", "seed")
+# SamplingParams(...) keywords (a msgspec.Struct: class-level annotated fields): rollout.SAMPLING_DEFAULTS
+# minus nothing, plus output_kind.
+SAMPLING_PARAMS = ("n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "stop", "stop_token_ids",
+                   "seed", "logprobs", "repetition_penalty", "ignore_eos", "include_stop_str_in_output",
+                   "skip_special_tokens", "output_kind")
 
-_LLM = "vllm.entrypoints.llm"
+_ASYNC = "vllm.v1.engine.async_llm"
 _SP = "vllm.sampling_params"
 _OUT = "vllm.outputs"
 _DU = "vllm.distributed.utils"
 _NCCL = "vllm.distributed.device_communicators.pynccl"
 
 USES: tuple[Use, ...] = (
-    # from vllm import LLM, SamplingParams
-    Use(EXPORT, "vllm", "LLM"),
     Use(EXPORT, "vllm", "SamplingParams"),
-    # the engine: vllm.LLM
-    Use(CLASS, _LLM, "LLM"),
-    Use(CALL, _LLM, "LLM.__init__", ("*", "model", "**"), kwargs_to="EngineArgs"),
+    Use(EXPORT, "vllm", "AsyncLLMEngine"),  # = AsyncLLM in both versions (the name DESIGN.md §7 cites)
+    # the engine: AsyncLLM on the actor's own asyncio loop
+    Use(EXPORT, "vllm.engine.arg_utils", "AsyncEngineArgs"),
+    Use(CALL, "vllm.engine.arg_utils", "AsyncEngineArgs", ("*", *ENGINE_ARGS[:-1])),
     *(Use(FIELD, "vllm.engine.arg_utils", f"EngineArgs.{name}") for name in ENGINE_ARGS),
-    Use(CALL, _LLM, "LLM.generate", ("prompts", "sampling_params", "*", "use_tqdm")),
-    Use(CALL, _LLM, "LLM.collective_rpc", ("method", "*", "timeout", "args", "kwargs")),
-    Use(CALL, _LLM, "LLM.reset_prefix_cache"),
-    Use(CALL, _LLM, "LLM.get_tokenizer"),  # not called by the runtime today
+    Use(EXPORT, _ASYNC, "AsyncLLM"),
+    Use(STATIC, _ASYNC, "AsyncLLM.from_engine_args", ("engine_args",)),
+    Use(CALL, _ASYNC, "AsyncLLM.generate", ("prompt", "sampling_params", "request_id")),
+    Use(CALL, _ASYNC, "AsyncLLM.collective_rpc", ("method", "*", "timeout", "args")),
+    Use(CALL, _ASYNC, "AsyncLLM.reset_prefix_cache", ("*", "reset_running_requests")),
+    Use(CALL, _ASYNC, "AsyncLLM.shutdown"),
+    Use(ATTR, _ASYNC, "AsyncLLM.model_config", where=("__init__",)),
+    Use(FIELD, "vllm.config", "ModelConfig.max_model_len"),
+    # cancelling AsyncLLM.generate aborts the request in vLLM (engine.py aborts by cancelling tasks)
+    Use(SOURCE, _ASYNC, "AsyncLLM.generate", values=("asyncio.CancelledError", "await self.abort(")),
+    # reset_prefix_cache(reset_running_requests=True) preempts running requests: their KV is recomputed
+    # with the new weights (sync.inflight: keep)
+    Use(SOURCE, "vllm.v1.core.sched.scheduler", "Scheduler.reset_prefix_cache",
+        values=("reset_running_requests", "_preempt_request")),
+    # collective_rpc(callable): the engine core runs a function in each worker (Fleet.call, benchmarks)
+    Use(SOURCE, "vllm.v1.serial_utils", values=("cloudpickle", "FunctionType", "VLLM_ALLOW_INSECURE_SERIALIZATION")),
+    # prompts are {"prompt_token_ids": [...], "cache_salt": "..."}: a TokensPrompt as a plain dict
+    Use(EXPORT, "vllm.inputs", "TokensPrompt"),
+    Use(SOURCE, "vllm.inputs.data", "TokensPrompt", values=("prompt_token_ids", "cache_salt"), versions=("0.14.1",)),
+    Use(SOURCE, "vllm.inputs.llm", "TokensPrompt", values=("prompt_token_ids",), versions=("0.20.2",)),
+    Use(SOURCE, "vllm.inputs.llm", "_PromptOptions", values=("cache_salt",), versions=("0.20.2",)),
     # executor backend and the worker extension (worker_extension_cls="rollfleet.runtime.ext...")
     Use(LITERALS, "vllm.config", "ParallelConfig.distributed_executor_backend", values=("uni", "mp")),
     Use(FIELD, "vllm.config", "ParallelConfig.worker_extension_cls"),
     Use(SOURCE, "vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker", values=("worker_extension_cls",)),
-    # sampling and outputs
+    # sampling and outputs: one engine request per sample, final output only
     Use(CALL, _SP, "SamplingParams", ("*", *SAMPLING_PARAMS)),
     *(Use(FIELD, _SP, f"SamplingParams.{name}") for name in SAMPLING_PARAMS),
+    Use(EXPORT, _SP, "RequestOutputKind"),
+    Use(FIELD, _SP, "RequestOutputKind.FINAL_ONLY"),
     Use(ATTR, _OUT, "RequestOutput.outputs"),
-    Use(ATTR, _OUT, "RequestOutput.prompt_token_ids"),  # not read by the runtime today
     Use(ATTR, _OUT, "CompletionOutput.text"),
     Use(ATTR, _OUT, "CompletionOutput.token_ids"),
-    # weight sync transport (sync.py): StatelessProcessGroup + PyNcclCommunicator
-    # sync.make_transport builds the dataclass directly: FAILS on 0.14.1 (required `socket`), see below
+    Use(ATTR, _OUT, "CompletionOutput.logprobs"),
+    Use(ATTR, _OUT, "CompletionOutput.finish_reason"),
+    Use(FIELD, "vllm.logprobs", "Logprob.logprob"),
+    # weight sync transport (sync.py): StatelessProcessGroup + PyNcclCommunicator.
     # 0.14.1's dataclass has a required `socket` field that 0.20.2 dropped: sync.make_transport
     # passes socket=None only where `dataclasses.fields` shows it
     Use(CALL, _DU, "StatelessProcessGroup", ("*", "rank", "world_size", "store", "socket"), versions=("0.14.1",)),
     Use(CALL, _DU, "StatelessProcessGroup", ("*", "rank", "world_size", "store"), versions=("0.20.2",)),
     *(Use(FIELD, _DU, f"StatelessProcessGroup.{name}") for name in ("rank", "world_size", "store")),
-    # not used by the runtime today (it owns its TCPStore):
-    Use(STATIC, _DU, "StatelessProcessGroup.create", ("host", "port", "rank", "world_size", "*", "store_timeout")),
     Use(CALL, _NCCL, "PyNcclCommunicator.__init__", ("group", "*", "device")),
     Use(CALL, _NCCL, "PyNcclCommunicator.broadcast", ("tensor", "*", "src", "stream")),
     # inside the GPU worker (ext.py: methods of the worker extension run as the Worker)

@@ -1,0 +1,244 @@
+"""The trainer group: one Ray actor per trainer GPU over the whole trainer pool, torch.distributed
+across them, and `job.entrypoint` (`module:function`) called as `function(ctx)` on every rank.
+
+* Placement: one STRICT_PACK placement group per trainer node (a bundle per GPU, on the `trainer`
+  resource), so ranks go node by node: rank = node · gpusPerNode + local rank.
+* The default torch.distributed group is created before any user framework initialises and without
+  `device_id` (open-instruct #1311: otherwise the second group hangs after step 1), on a TCPStore that
+  rank 0 binds to a kernel-picked port, with the same NCCL environment as the engines.
+* Only global rank 0 joins the weight-sync group (`ctx.sender`). `ctx.push(model)` is called by every
+  rank: the parameters are gathered tensor by tensor (FSDP2 `full_tensor()`, DeepSpeed ZeRO-3
+  `GatheredParameters`, or plain tensors) in the same order everywhere, and rank 0 streams them.
+* A rank that fails to start, to join or while running is an error naming the rank and its node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import time
+from datetime import timedelta
+from typing import Any, Callable, Iterator
+
+from rollfleet.runtime import placement, sync
+from rollfleet.runtime.rollout import describe
+from rollfleet.spec import FleetSpec, load_spec, runtime_config
+
+BUILTIN = "rollfleet.runtime.trainer:grpo"
+
+
+class TrainerError(RuntimeError):
+    """A trainer rank failed: the message names the rank and its node."""
+
+
+def full_tensors(model) -> Iterator[tuple[str, Any]]:
+    """HF-named, unsharded tensors of `model`, gathered one at a time. EVERY rank must iterate it to
+    the end, in the same order (the gathers are collectives); only rank 0 needs the values.
+    FSDP2 (`fully_shard`): `DTensor.full_tensor()` per parameter. DeepSpeed ZeRO-3: the parameters of
+    one module at a time under `deepspeed.zero.GatheredParameters`. Anything else: as it is."""
+    seen: set[int] = set()  # a tied weight (lm_head = embed_tokens) goes once, as named_parameters() has it
+    for module_name, module in model.named_modules():
+        params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in params)
+        if not params:
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        if any(hasattr(p, "ds_id") for _, p in params):  # DeepSpeed ZeRO-3 partitions
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in params]):
+                for name, p in params:
+                    yield prefix + name, p.data
+            continue
+        for name, p in params:
+            yield prefix + name, p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach()
+
+
+@dataclasses.dataclass
+class TrainerContext:
+    """What `job.entrypoint` gets on every rank."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    node: str
+    device: Any  # torch.device of this rank
+    spec: FleetSpec
+    fleet: Any  # the Fleet: rollouts(), generate(), health()
+    sender: Any = None  # rank 0: the WeightSender; other ranks: None
+    version: int = 0  # pushes done: the policy version of the weights being trained
+    report: Callable[[dict[str, Any]], None] = print  # rank 0: one row per step, printed by the launcher
+
+    def push(self, model_or_tensors) -> Any:
+        """Every rank calls it after its optimizer step: gathers the model tensor by tensor (see
+        `full_tensors`) and rank 0 streams it to every engine. Returns PushStats on rank 0, else None."""
+        import torch
+
+        tensors = full_tensors(model_or_tensors) if isinstance(model_or_tensors, torch.nn.Module) \
+            else iter(model_or_tensors)
+        stats = None
+        if self.sender is not None:
+            stats = self.sender.push(tensors)
+        else:
+            for _ in tensors:  # take part in every gather
+                pass
+        self.version += 1
+        return stats
+
+    def rollouts(self):
+        return self.fleet.rollouts()
+
+
+class TrainerRank:
+    """One trainer rank (one GPU of the trainer pool)."""
+
+    def __init__(self, spec_json: dict[str, Any], rank: int, local_rank: int, world_size: int):
+        self.spec = load_spec(spec_json)
+        self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+        self.store = None
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        return {"rank": self.rank, "node": ray.util.get_node_ip_address(), "gpus": ray.get_gpu_ids(),
+                "pid": os.getpid()}
+
+    def open_store(self) -> tuple[str, int]:
+        """Rank 0: the rendezvous store of the default group, on a port the kernel picks."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        self.store, port = sync.open_store(host, self.world_size, self.spec.sync.timeout_seconds)
+        return host, port
+
+    def init(self, host: str, port: int) -> None:
+        """The default torch.distributed group: before any framework, and without `device_id`."""
+        import torch
+        from torch import distributed as dist
+
+        gpu = self.spec.engine == "vllm"
+        os.environ.update(RANK=str(self.rank), LOCAL_RANK=str(self.local_rank), WORLD_SIZE=str(self.world_size),
+                          LOCAL_WORLD_SIZE=str(self.spec.pools.trainer.gpus_per_node), MASTER_ADDR=host,
+                          MASTER_PORT=str(port))
+        if gpu:
+            torch.cuda.set_device(0)  # Ray made this rank's GPU the only visible one
+        else:
+            torch.set_num_threads(1)
+        timeout_s = self.spec.sync.timeout_seconds
+        store = self.store or sync.connect_store(host, port, self.world_size, timeout_s)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo", store=store, rank=self.rank,
+                                world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
+
+    def run(self, fleet, entrypoint: str, report=None) -> Any:
+        """Build this rank's context (rank 0 forms the weight-sync group) and call the entrypoint."""
+        import ray
+        import torch
+
+        module, _, func = entrypoint.partition(":")
+        fn = getattr(importlib.import_module(module), func)
+        gpu = self.spec.engine == "vllm"
+        device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+        ctx = TrainerContext(self.rank, self.local_rank, self.world_size, ray.util.get_node_ip_address(), device,
+                             self.spec, fleet, report=(lambda row: report.put(row)) if report is not None else print)
+        if self.rank == 0:
+            ctx.sender = fleet.sender(device)
+        return fn(ctx)
+
+
+class TrainerGroup:
+    """The ranks of the trainer pool, started and joined into one torch.distributed group."""
+
+    def __init__(self, spec: FleetSpec, ranks: list[Any], groups: list[Any], infos: list[dict[str, Any]]):
+        self.spec, self.ranks, self.groups, self.infos = spec, ranks, groups, infos
+
+    @classmethod
+    def start(cls, spec: FleetSpec) -> TrainerGroup:
+        import ray
+
+        pool = spec.pools.trainer
+        world = pool.gpus
+        timeout_s = spec.sync.timeout_seconds
+        groups = placement.reserve_trainers(spec, spec.timeouts.init_seconds)
+        config = runtime_config(spec)
+        actor = ray.remote(TrainerRank)
+        ranks = [actor.options(**placement.trainer_options(spec, groups[r // pool.gpus_per_node],
+                                                            r % pool.gpus_per_node)).remote(
+            config, r, r % pool.gpus_per_node, world) for r in range(world)]
+        group = cls(spec, ranks, groups, [{"rank": r, "node": "?"} for r in range(world)])
+        try:
+            group.infos = group._wait([a.info.remote() for a in ranks], spec.timeouts.init_seconds,
+                                      "start", "timeouts.initSeconds")
+            host, port = group._wait([ranks[0].open_store.remote()], timeout_s, "rendezvous", "sync.timeoutSeconds")[0]
+            print(f"[rollfleet] trainer group: {world} rank(s) on {len(groups)} node(s), torch.distributed "
+                  f"{'nccl' if spec.engine == 'vllm' else 'gloo (CPU stand-in for NCCL)'} via {host}:{port}; "
+                  f"waiting up to {timeout_s} s (sync.timeoutSeconds)", flush=True)
+            group._wait([a.init.remote(host, port) for a in ranks], timeout_s + 5, "torch.distributed init",
+                        "sync.timeoutSeconds")
+        except BaseException:
+            group.shutdown()
+            raise
+        return group
+
+    def _name(self, rank: int) -> str:
+        return f"trainer rank {rank} (node {self.infos[rank].get('node', '?')})"
+
+    def _wait(self, refs: list[Any], timeout_s: float | None, what: str, setting: str,
+              tick: Callable[[], None] = lambda: None) -> list[Any]:
+        """Results of one call per rank (position = rank); the first failure or the deadline is an
+        error naming the rank(s). `timeout_s` None: no deadline (the ranks' own waits bound them).
+        `tick()` runs at least every 0.2 s meanwhile."""
+        import ray
+
+        index = {r: i for i, r in enumerate(refs)}
+        out: dict[int, Any] = {}
+        pending = list(refs)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            left = 0.2 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.2)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            tick()
+            if not ready and (deadline is None or time.monotonic() < deadline):
+                continue
+            if not ready:
+                names = ", ".join(self._name(index[r]) for r in pending)
+                raise TrainerError(f"trainer {what}: {names} did not finish within {timeout_s:g} s ({setting}); "
+                                   f"check its log")
+            for r in ready:
+                try:
+                    out[index[r]] = ray.get(r)
+                except Exception as exc:
+                    raise TrainerError(f"trainer {what}: {self._name(index[r])} failed: {describe(exc)}") from None
+        return [out[i] for i in range(len(refs))]
+
+    def run(self, fleet, entrypoint: str, on_report: Callable[[dict[str, Any]], None] = print,
+            timeout_s: float | None = None, setting: str = "") -> Any:
+        """`entrypoint(ctx)` on every rank; returns rank 0's result. The first rank to fail is named.
+        Rows rank 0 passes to `ctx.report` reach `on_report` here as they come."""
+        from ray.util.queue import Empty, Queue
+
+        queue = Queue(actor_options={"num_cpus": 0})
+
+        def drain():
+            while True:
+                try:
+                    on_report(queue.get_nowait())
+                except Empty:
+                    return
+
+        refs = [a.run.remote(fleet, entrypoint, queue if i == 0 else None) for i, a in enumerate(self.ranks)]
+        try:
+            result = self._wait(refs, timeout_s, f"run of {entrypoint}", setting, tick=drain)[0]
+            drain()
+            return result
+        finally:
+            queue.shutdown()
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.ranks:
+            ray.kill(a)
+        for g in self.groups:
+            remove_placement_group(g)
