@@ -299,6 +299,7 @@ RULE_CASES = {
     "ray-version-bad-range-low": {"rayVersion": "2.11.0"},
     "ray-version-bad-range-high": {"rayVersion": "2.37.9"},
     "sidecar-mode": {"job": {"submissionMode": "SidecarMode"}},
+    "runtime-env-without-job": {"job": {"enabled": False, "runtimeEnv": {"pip": ["math-verify==0.7.0"]}}},
     "bad-env-names": {"env": {"1BAD": "x"}, "ncclEnv": {"2BAD": "y"}},
     "non-nccl-in-ncclenv": {"ncclEnv": {"GLOO_SOCKET_IFNAME": "eth0"}},
     "nccl-in-env": {"env": {"NCCL_IB_HCA": "mlx5"}},

@@ -28,7 +28,7 @@ def local_spec(sets: list[str] = ()):
         return load_values(path, list(sets))
 
 
-def start_local_ray(spec, extra_cpus: int = 2):
+def start_local_ray(spec, extra_cpus: int = 2, runtime_env: dict | None = None):
     """A local Ray whose custom resources mirror the pools: `trainer` and `inference` slots."""
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
@@ -37,7 +37,7 @@ def start_local_ray(spec, extra_cpus: int = 2):
     # address="local": always a new local Ray, never one found via `ray start` or RAY_ADDRESS
     ray.init(address="local", num_cpus=spec.engines + spec.pools.trainer.gpus + extra_cpus, num_gpus=0,
              resources={"trainer": spec.pools.trainer.gpus, "inference": spec.engines},
-             include_dashboard=False, logging_level="ERROR", log_to_driver=True)
+             include_dashboard=False, logging_level="ERROR", log_to_driver=True, runtime_env=runtime_env)
     return ray
 
 

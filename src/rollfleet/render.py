@@ -55,6 +55,14 @@ def _env() -> jinja2.Environment:
     return env
 
 
+def go_json(value: Any, indent: int | None = None) -> str:
+    """JSON with sorted keys, escaped as Go's encoding/json (Helm's `toJson` / `toPrettyJson` with
+    indent 2) escapes it, so the chart and the Jinja templates render the same string."""
+    text = json.dumps(value, sort_keys=True, indent=indent, separators=(",", ": ") if indent else (",", ":"),
+                      ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def config_name(spec: FleetSpec) -> str:
     return f"{spec.name}-config"
 
@@ -65,8 +73,10 @@ def render_objects(spec: FleetSpec) -> list[dict[str, Any]]:
     context = {
         "s": spec,
         "config_name": config_name(spec),
-        "fleet_json": json.dumps(runtime_config(spec), indent=2, sort_keys=True),
+        "fleet_json": go_json(runtime_config(spec), indent=2),
         "entrypoint": LAUNCH,
+        # JSON is YAML: the RayJob's runtimeEnvYAML (empty: none)
+        "runtime_env": go_json(spec.job.runtime_env.ray()) if spec.job.runtime_env.ray() else "",
     }
     names = ["configmap.yaml.j2", "rayjob.yaml.j2" if spec.job.enabled else "raycluster.yaml.j2"]
     objects = []

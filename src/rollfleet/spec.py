@@ -203,11 +203,37 @@ class Timeouts(Model):
     health_seconds: int = Field(default=600, ge=1)
 
 
+REMOTE_ZIP = r"(s3|gs|https?)://[^\s]+\.zip"
+IN_IMAGE = r"/[^\s]*"
+
+
+class RuntimeEnv(Model):
+    """Ray's runtime env of the job (driver, trainer ranks, engines): how trainer code reaches the
+    cluster without a derived image. Rendered as the RayJob's `runtimeEnvYAML`."""
+
+    working_dir: str | None = Field(default=None, pattern=f"^({REMOTE_ZIP}|{IN_IMAGE})$")
+    """Your trainer's code: a .zip at s3://, gs:// or https://, or a directory inside the image; it
+    becomes every process's working directory and import path (`job.entrypoint: my_trainer:main`)."""
+    py_modules: list[Annotated[str, Field(pattern=f"^({REMOTE_ZIP}|(s3|gs|https?)://[^\\s]+\\.whl|{IN_IMAGE})$")]] = []
+    """More packages to import: .zip or .whl URIs, or directories inside the image."""
+    pip: list[Annotated[str, Field(pattern=r"^[^\s][^\n\r]*$")]] = []
+    """pip requirements installed for the job (e.g. `math-verify==0.7.0`); pin them."""
+    env_vars: dict[Annotated[str, Field(pattern=ENV_NAME.pattern)], str] = Field(
+        default={}, json_schema_extra={"propertyNames": {"pattern": ENV_NAME.pattern}})
+    """Environment variables of the job's processes (no secret values: use env from Secrets)."""
+
+    def ray(self) -> dict[str, Any]:
+        """The runtime env as Ray reads it (snake_case keys, empty ones left out)."""
+        return {k: v for k, v in self.model_dump().items() if v}
+
+
 class Job(Model):
     enabled: bool = True
     """true: a RayJob that creates its own RayCluster; false: a standalone RayCluster."""
     entrypoint: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    """`module:function` of your trainer, called with the started Fleet; null runs the smoke trainer."""
+    """`module:function` of your trainer, called as `function(ctx)` on every trainer rank
+    (rollfleet.runtime.trainer_group.TrainerContext); null runs the built-in GRPO trainer."""
+    runtime_env: RuntimeEnv = RuntimeEnv()
     steps: int = Field(default=3, ge=1)
     """Steps of the built-in GRPO-shaped smoke trainer."""
     submission_mode: Literal["K8sJobMode", "HTTPMode", "SidecarMode"] = "K8sJobMode"
@@ -294,6 +320,9 @@ def cross_field_problems(s: FleetSpec) -> list[str]:
     elif BAD_RAY[0] <= (int(m[1]), int(m[2])) <= BAD_RAY[1]:
         p.append(f"rayVersion: {s.ray_version} is in 2.11–2.37, whose probes hang under KubeRay; "
                  f"use {RAY_VERSION} (the image's Ray)")
+    if s.job.runtime_env.ray() and not s.job.enabled:
+        p.append("job.runtimeEnv: only a RayJob carries a runtime env and job.enabled is false (a standing "
+                 "RayCluster); set job.enabled: true, or pass --runtime-env-json when you submit your own job")
     if s.job.submission_mode == "SidecarMode":
         p.append("job.submissionMode: SidecarMode is known to hang in Initializing (kuberay#4945); "
                  "use K8sJobMode or HTTPMode")

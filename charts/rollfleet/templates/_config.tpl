@@ -12,7 +12,7 @@ Use: {{- $s := include "rollfleet.config" . | fromJson }}
 {{- $nullable := list
   "image.digest" "pools.trainer.gpuProduct" "pools.inference.gpuProduct" "model.revision"
   "model.maxModelLen" "model.hfTokenSecret" "vllm.maxNumSeqs" "sync.port" "job.entrypoint"
-  "job.activeDeadlineSeconds" }}
+  "job.activeDeadlineSeconds" "job.runtimeEnv.workingDir" }}
 {{- range $path := $nullable }}
   {{- $parts := splitList "." $path }}
   {{- $parent := $c }}

@@ -94,3 +94,14 @@ integer field goes through here (or int64).
 {{- mulf (float64 $number) (index $scale $suffix) }}
 {{- end }}
 {{- end }}
+
+{{/* job.runtimeEnv as Ray reads it (snake_case keys, empty ones left out), compact JSON, which is
+YAML: the RayJob's runtimeEnvYAML (rollfleet.spec.RuntimeEnv.ray + render.go_json). Empty: none. */}}
+{{- define "rollfleet.runtimeEnv" -}}
+{{- $re := dict }}
+{{- with .workingDir }}{{ $_ := set $re "working_dir" . }}{{ end }}
+{{- with .pyModules }}{{ $_ := set $re "py_modules" . }}{{ end }}
+{{- with .pip }}{{ $_ := set $re "pip" . }}{{ end }}
+{{- with .envVars }}{{ $_ := set $re "env_vars" . }}{{ end }}
+{{- if $re }}{{ toJson $re }}{{ end }}
+{{- end }}

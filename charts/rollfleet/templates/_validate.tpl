@@ -59,6 +59,10 @@ Call with (dict "s" $s), $s = rollfleet.config parsed.
     {{- $p = append $p (printf "rayVersion: %s is in 2.11–2.37, whose probes hang under KubeRay; use %s (the image's Ray)" $version $rayVersion) }}
   {{- end }}
 {{- end }}
+{{- $re := $s.job.runtimeEnv }}
+{{- if and (or $re.workingDir $re.pyModules $re.pip $re.envVars) (not $s.job.enabled) }}
+  {{- $p = append $p "job.runtimeEnv: only a RayJob carries a runtime env and job.enabled is false (a standing RayCluster); set job.enabled: true, or pass --runtime-env-json when you submit your own job" }}
+{{- end }}
 {{- if eq $s.job.submissionMode "SidecarMode" }}
   {{- $p = append $p "job.submissionMode: SidecarMode is known to hang in Initializing (kuberay#4945); use K8sJobMode or HTTPMode" }}
 {{- end }}

@@ -27,10 +27,14 @@ def run(spec: FleetSpec, model: str | None = None) -> int:
     group = None
     try:
         group = TrainerGroup.start(spec)
-        if spec.job.entrypoint:
+        if spec.job.entrypoint:  # rank 0's return: an int is the exit code, anything else is printed
             result = group.run(fleet, spec.job.entrypoint, timeout_s=spec.job.active_deadline_seconds,
                                setting="job.activeDeadlineSeconds")
-            return int(result or 0)
+            if isinstance(result, int) and not isinstance(result, bool):
+                return result
+            if result is not None:
+                print("ROLLFLEET_RESULT " + json.dumps(result, default=str), flush=True)
+            return 0
         t0 = time.monotonic()
         ranks = spec.pools.trainer.gpus
         print(f"trainer group: {ranks} rank(s); " + (

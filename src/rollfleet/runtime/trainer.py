@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rollfleet.runtime import tiny
 from rollfleet.runtime.rollout import Request
 
 PROMPTS = ["The answer to the question is", "hello world, the model says", "One two three four",
@@ -37,7 +36,7 @@ def load_model(ctx):
 
     spec = ctx.spec
     dtype = getattr(torch, spec.model.dtype) if spec.model.dtype != "auto" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(tiny.resolve(spec.model.name), revision=spec.model.revision,
+    model = AutoModelForCausalLM.from_pretrained(ctx.model_path, revision=spec.model.revision,
                                                  dtype=dtype).to(ctx.device)
     if ctx.world_size > 1:
         from torch.distributed.fsdp import fully_shard

@@ -70,6 +70,13 @@ class TrainerContext:
     version: int = 0  # pushes done: the policy version of the weights being trained
     report: Callable[[dict[str, Any]], None] = print  # rank 0: one row per step, printed by the launcher
 
+    @property
+    def model_path(self) -> str:
+        """Where this rank loads the model the engines serve (the name, or the built tiny model)."""
+        from rollfleet.runtime import tiny
+
+        return tiny.resolve(self.spec.model.name)
+
     def push(self, model_or_tensors) -> Any:
         """Every rank calls it after its optimizer step: gathers the model tensor by tensor (see
         `full_tensors`) and rank 0 streams it to every engine. Returns PushStats on rank 0, else None."""
