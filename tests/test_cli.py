@@ -12,7 +12,8 @@ import yaml
 
 from conftest import EXAMPLES
 from rollfleet.cli import main
-from rollfleet.render import load_values, render_objects, to_yaml
+from rollfleet.render import render_objects, to_yaml
+from rollfleet.values import load_values
 
 EXAMPLE = next(e for e in EXAMPLES if e.stem == "one-node-8gpu")
 
@@ -33,37 +34,43 @@ def test_render_prints_multi_document_yaml(capsys):
     code, out, err = run(capsys, "render", "-f", str(EXAMPLE))
     assert code == 0 and err == ""
     docs = list(yaml.safe_load_all(out))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob", "NetworkPolicy"]
     assert out == to_yaml(render_objects(load_values(EXAMPLE)))
 
 
 def test_render_without_values_uses_the_defaults(capsys):
     code, out, _ = run(capsys, "render")
     assert code == 0
-    assert [d["metadata"]["name"] for d in yaml.safe_load_all(out)] == ["rollfleet-config", "rollfleet"]
+    assert [d["metadata"]["name"] for d in yaml.safe_load_all(out)] == ["rollfleet-config", "rollfleet", "rollfleet"]
 
 
 def test_render_to_a_directory_writes_one_file_per_object(capsys, tmp_path):
     out_dir = tmp_path / "out" / "nested"
     code, out, err = run(capsys, "render", "-f", str(EXAMPLE), "-o", str(out_dir))
     assert code == 0 and out == ""
-    assert "wrote 2 objects" in err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["configmap.yaml", "rayjob.yaml"]
-    (job,) = yaml.safe_load_all((out_dir / "rayjob.yaml").read_text())
+    assert "wrote 3 objects" in err
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "grpo-8gpu.configmap.yaml", "grpo-8gpu.networkpolicy.yaml", "grpo-8gpu.rayjob.yaml"]
+    (job,) = yaml.safe_load_all((out_dir / "grpo-8gpu.rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and job["metadata"]["name"] == "grpo-8gpu"
 
 
-def test_render_raycluster_file_name(capsys, tmp_path):
-    code, _, _ = run(capsys, "render", "--set", "job.enabled=false", "-o", str(tmp_path))
+def test_render_to_a_directory_removes_only_this_fleets_stale_files(capsys, tmp_path):
+    (tmp_path / "other.rayjob.yaml").write_text("kept")
+    (tmp_path / "notes.txt").write_text("kept")
+    assert run(capsys, "render", "--set", "name=a", "-o", str(tmp_path))[0] == 0
+    code, _, _ = run(capsys, "render", "--set", "name=a,job.enabled=false,networkPolicy.enabled=false",
+                     "-o", str(tmp_path))
     assert code == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["configmap.yaml", "raycluster.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.configmap.yaml", "a.raycluster.yaml", "notes.txt", "other.rayjob.yaml"]
 
 
 def test_set_overrides_the_values_file(capsys):
     code, out, _ = run(capsys, "render", "-f", str(EXAMPLE), "--set", "pools.inference.gpusPerNode=8",
                        "--set", "vllm.tensorParallelSize=2", "--set", "name=over")
     assert code == 0
-    cm, job = yaml.safe_load_all(out)
+    cm, job, _ = yaml.safe_load_all(out)
     assert job["metadata"]["name"] == "over"
     inference = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]
     assert inference["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
@@ -81,13 +88,14 @@ def test_bad_values_exit_2_with_one_error_line_per_problem_and_write_nothing(cap
     code, out, err = run(capsys, "render", "-f", str(values), "-o", str(out_dir))
     assert code == 2 and out == ""
     lines = error_lines(err)
-    assert sorted(line.split(":")[1].strip() for line in lines) == ["pools.inference.gpusPerNod", "pools.trainer.memory"]
+    assert sorted(line.split(":")[1].strip() for line in lines) == [
+        "job.submissionMode", "name", "pools.inference.gpusPerNod", "pools.trainer.memory"]
     assert not out_dir.exists()
-    # cross-field problems: one line each too
-    code, _, err = run(capsys, "render", "--set", "name=Bad_Name", "--set", "job.submissionMode=SidecarMode",
+    # cross-field problems in the same run as field problems: one line each too
+    code, _, err = run(capsys, "render", "--set", "name=Bad_Name", "--set", "vllm.tensorParallelSize=3",
                        "-o", str(out_dir))
     assert code == 2
-    assert [line.split(":")[1].strip() for line in error_lines(err)] == ["name", "job.submissionMode"]
+    assert [line.split(":")[1].strip() for line in error_lines(err)] == ["name", "vllm.tensorParallelSize"]
     assert not out_dir.exists()
 
 
@@ -113,7 +121,7 @@ def test_usage_errors_exit_2(capsys, argv, fragment):
 def test_validate_ok(capsys, crds):
     code, out, err = run(capsys, "validate", "-f", str(EXAMPLE), "--crds", str(crds))
     assert code == 0 and err == ""
-    assert out.startswith("ok: ConfigMap/grpo-8gpu-config, RayJob/grpo-8gpu valid")
+    assert out.startswith("ok: ConfigMap/grpo-8gpu-config, RayJob/grpo-8gpu, NetworkPolicy/grpo-8gpu valid")
     assert "4 engine(s) × TP 1, 4 trainer GPU(s)" in out
 
 
@@ -156,8 +164,10 @@ def test_console_script_smoke(tmp_path):
     script = Path(sys.executable).with_name("rollfleet")
     ok = subprocess.run([str(script), "render", "-f", str(EXAMPLE)], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    assert [d["kind"] for d in yaml.safe_load_all(ok.stdout)] == ["ConfigMap", "RayJob"]
+    assert [d["kind"] for d in yaml.safe_load_all(ok.stdout)] == ["ConfigMap", "RayJob", "NetworkPolicy"]
     bad = subprocess.run([str(script), "render", "--set", "pools.inference.gpusPerNod=8"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr == "error: pools.inference.gpusPerNod: unknown key; did you mean 'pools.inference.gpusPerNode'?\n"
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("rollfleet 0.1.0 (")

@@ -8,7 +8,8 @@ import jsonschema
 import pytest
 
 from conftest import EXAMPLES
-from rollfleet.render import load_values, render_objects
+from rollfleet.render import render_objects
+from rollfleet.values import load_values
 from rollfleet.spec import load_spec
 from rollfleet.validate import crd_validator, crds_dir, make_strict, validate_object, validate_objects
 
@@ -16,7 +17,7 @@ from rollfleet.validate import crd_validator, crds_dir, make_strict, validate_ob
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.stem)
 def test_every_example_validates_strictly(crds, example):
     objs = render_objects(load_values(example))
-    assert {o["kind"] for o in objs} <= {"ConfigMap", "RayJob", "RayCluster"}
+    assert {o["kind"] for o in objs} <= {"ConfigMap", "RayJob", "RayCluster", "NetworkPolicy"}
     assert validate_objects(objs, crds) == []
 
 
