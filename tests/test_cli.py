@@ -171,3 +171,157 @@ def test_console_script_smoke(tmp_path):
     assert bad.stderr == "error: pools.inference.gpusPerNod: unknown key; did you mean 'pools.inference.gpusPerNode'?\n"
     version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("rollfleet 0.1.0 (")
+
+
+# --- values the way Helm reads them -----------------------------------------------------------------------
+
+
+def test_several_values_files_and_set_string(capsys, tmp_path):
+    base, team = tmp_path / "base.yaml", tmp_path / "team.yaml"
+    base.write_text("name: base\npools: {inference: {gpusPerNode: 8}}\n")
+    team.write_text("name: team\n")
+    code, out, _ = run(capsys, "render", "-f", str(base), "-f", str(team), "--set", "vllm.tensorParallelSize=2",
+                       "--set-string", "image.tag=1.10")
+    assert code == 0
+    cm, job, _ = yaml.safe_load_all(out)
+    fleet = json.loads(cm["data"]["fleet.json"])
+    assert (job["metadata"]["name"], fleet["pools"]["inference"]["gpusPerNode"]) == ("team", 8)
+    assert fleet["image"]["tag"] == "1.10" and fleet["vllm"]["tensorParallelSize"] == 2
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("name: a\nname: b\n", "bad.yaml:2:1: duplicate key 'name'"),
+    ("name: [a\n", "bad.yaml:2:1: "),
+    ("name: a\n---\nname: b\n", "bad.yaml:2:1: several YAML documents"),
+    ("a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(f"{c}: &{c} [{','.join([f'*{p}'] * 10)}]\n"
+                                                for p, c in zip("abcdefgh", "bcdefghi")), "aliases expand"),
+    ("a: " + "[" * 500 + "]" * 500 + "\n", "nested 501 levels deep"),
+])
+def test_yaml_problems_exit_2_with_file_line_column_and_write_nothing(capsys, tmp_path, text, fragment):
+    values, out_dir = tmp_path / "bad.yaml", tmp_path / "out"
+    values.write_text(text)
+    code, out, err = run(capsys, "render", "-f", str(values), "-o", str(out_dir))
+    assert code == 2 and out == "" and not out_dir.exists()
+    (line,) = error_lines(err)
+    assert f"error: {values}".removesuffix("bad.yaml") in line and fragment in line, line
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("rollfleet 0.1.0 (image tag 0.1.0-vllm0.14.1, Ray 2.52.1, KubeRay v1.7.0)")
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_validate_prints_a_report(capsys, crds, fmt):
+    code, out, err = run(capsys, "validate", "-f", str(EXAMPLE), "--crds", str(crds), "-o", fmt)
+    assert code == 0 and err == ""
+    report = json.loads(out) if fmt == "json" else yaml.safe_load(out)
+    assert report["valid"] is True and report["problems"] == []
+    assert report["objects"] == ["ConfigMap/grpo-8gpu-config", "RayJob/grpo-8gpu", "NetworkPolicy/grpo-8gpu"]
+    assert (report["engines"], report["trainerGpus"], report["namespace"]) == (4, 4, "rl")
+
+
+def test_validate_report_names_the_value_problems(capsys, crds):
+    code, out, err = run(capsys, "validate", "--set", "pools.trainer.nodes=0", "--crds", str(crds), "-o", "json")
+    assert code == 2
+    report = json.loads(out)
+    assert report["valid"] is False and report["stage"] == "values"
+    assert [p.split(":")[0] for p in report["problems"]] == ["pools.trainer.nodes"]
+    assert error_lines(err)
+
+
+@pytest.mark.parametrize(("module", "command", "extra"), [
+    ("jsonschema", ["validate"], "validate"),
+    ("kubernetes_validate", ["validate"], "validate"),
+    ("ray", ["demo"], "runtime"),
+])
+def test_a_missing_extra_is_named_with_what_to_install(capsys, monkeypatch, module, command, extra):
+    import sys as _sys
+
+    for name in [m for m in _sys.modules if m == module or m.startswith(module + ".")] + ["rollfleet.validate"]:
+        monkeypatch.delitem(_sys.modules, name, raising=False)
+    monkeypatch.setitem(_sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
+    if module == "kubernetes_validate":
+        monkeypatch.setenv("ROLLFLEET_CRDS_DIR", "/nonexistent")  # reach the built-in kinds' check
+        import rollfleet.validate as validate
+
+        monkeypatch.setattr(validate, "validate_object", lambda obj, crds=None: __import__("kubernetes_validate"))
+    code, out, err = run(capsys, *command)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert f"needs {module}, which is not installed; pip install 'rollfleet[{extra}]'" in line
+
+
+def test_an_unexpected_failure_is_one_line_not_a_traceback(capsys, monkeypatch):
+    import rollfleet.render
+
+    monkeypatch.setattr(rollfleet.render, "render_objects", lambda spec: 1 / 0)
+    code, out, err = run(capsys, "render")
+    assert code == 1 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert "ZeroDivisionError" in line and "ROLLFLEET_DEBUG=1" in line
+
+
+# --- fuzz: mutated example values never give a traceback; what is accepted validates strictly ------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from rollfleet.validate import validate_objects  # noqa: E402
+
+_EXAMPLE_VALUES = [yaml.safe_load(e.read_text()) for e in EXAMPLES]
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False),
+                  st.text(max_size=12), st.sampled_from(["0", "1Gi", "500m", "a\nb: c", "{{ x }}", "NCCL_X", "-1"]),
+                  st.lists(st.text(max_size=4), max_size=2), st.dictionaries(st.text(max_size=6), st.text(max_size=6),
+                                                                             max_size=2))
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, k))
+    yield path
+
+
+@st.composite
+def mutated_values(draw):
+    import copy
+
+    values = copy.deepcopy(draw(st.sampled_from(_EXAMPLE_VALUES)))
+    for _ in range(draw(st.integers(1, 3))):
+        paths = [p for p in _leaves(values) if p]
+        path = draw(st.sampled_from(paths))
+        node = values
+        for part in path[:-1]:
+            node = node[part]
+        if draw(st.booleans()):
+            node[path[-1]] = draw(_JUNK)
+        else:
+            node[draw(st.sampled_from([path[-1], path[-1] + "x", "bogus"]))] = draw(_JUNK)
+    return values
+
+
+def run_captured(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=mutated_values())
+def test_fuzz_mutated_examples(tmp_path_factory, crds, values):
+    path = tmp_path_factory.mktemp("fuzz") / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    code, out, err = run_captured("render", "-f", str(path))
+    assert code in (0, 2), err
+    assert "Traceback" not in err
+    if code == 2:
+        assert out == "" and error_lines(err)
+    else:
+        assert validate_objects(list(yaml.safe_load_all(out)), crds) == []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rollfleet import kube
 from rollfleet.runtime import bench, demo
-from rollfleet.spec import IMAGE_TAG, RAY_VERSION, SpecError
+from rollfleet.spec import IMAGE_TAG, KUBERAY_VERSION, RAY_VERSION, SpecError
 
 USAGE_ERROR = 2
 # What a command needs beyond `pip install rollfleet`: the module, and the extra that brings it.
@@ -78,7 +78,7 @@ def _report(args, report: dict) -> None:
 
 def cmd_validate(args) -> int:
     from rollfleet.render import render_objects
-    from rollfleet.validate import KUBERAY_VERSION, CrdsMissing, validate_objects
+    from rollfleet.validate import CrdsMissing, validate_objects
 
     try:
         spec = _spec(args)
@@ -154,8 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def version() -> str:
-    from rollfleet.validate import KUBERAY_VERSION
-
     try:
         own = metadata.version("rollfleet")
     except metadata.PackageNotFoundError:

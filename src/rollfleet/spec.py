@@ -36,6 +36,7 @@ DEFAULT_ENV = {
 # vLLM sets NCCL_CUMEM_ENABLE=0 in its own processes; the trainer must match (NeMo-RL #564, SkyRL #143).
 DEFAULT_NCCL_ENV = {"NCCL_CUMEM_ENABLE": "0"}
 RAY_VERSION = "2.52.1"  # equals the image lock's ray (tests check it)
+KUBERAY_VERSION = "v1.7.0"  # the operator (and CRDs) the objects are written for
 RAY_AUTH_SINCE = (2, 52)  # KubeRay's authOptions.mode token needs Ray 2.52.0 or later
 IMAGE_TAG = "0.1.0-vllm0.14.1"
 MIN_SHM = "1Gi"  # NCCL and vLLM TP break on small /dev/shm (the container default is 64 MiB)

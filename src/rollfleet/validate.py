@@ -19,7 +19,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-KUBERAY_VERSION = "v1.7.0"
+from rollfleet.spec import KUBERAY_VERSION  # re-exported: the CRDs this validates against
+
 KUBERNETES_VERSION = "1.33.0"  # the built-in schema version objects are checked against
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 CRD_URL = "https://raw.githubusercontent.com/ray-project/kuberay/{version}/ray-operator/config/crd/bases/{file}"

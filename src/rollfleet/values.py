@@ -54,16 +54,19 @@ class HelmLoader(_Base):  # type: ignore[misc,valid-type]
         for key_node, _ in node.value:
             if key_node.tag == _MERGE:
                 continue
-            key = _key(self.construct_object(key_node, deep=True))
-            if not isinstance(key, (str, type(None))):
-                raise yaml.MarkedYAMLError(None, None, "a key must be a plain scalar", key_node.start_mark)
+            raw = self.construct_object(key_node, deep=True)
+            if isinstance(raw, (list, dict)):
+                raise yaml.MarkedYAMLError(None, None, "a key must be a plain scalar, not a list or mapping",
+                                           key_node.start_mark)
+            key = _key(raw)
             if key in seen:
                 first = seen[key].start_mark
                 raise yaml.MarkedYAMLError(None, None, f"duplicate key {key!r} (first at line {first.line + 1}); "
                                            f"keep one", key_node.start_mark)
             seen[key] = key_node
-        mapping = super().construct_mapping(node, deep=deep)
-        return {_key(k): v for k, v in mapping.items()}
+        self.flatten_mapping(node)  # merge keys (<<), as SafeConstructor does
+        # keys become strings before the dict is built: True and 1 are the same Python key, not Helm's
+        return {_key(self.construct_object(k, deep=True)): self.construct_object(v, deep=deep) for k, v in node.value}
 
     def construct_helm_scalar(self, node: yaml.ScalarNode) -> Any:
         value = node.value
@@ -223,6 +226,10 @@ def _typed(text: str, strings: bool) -> Any:
     return text
 
 
+class _End(Exception):
+    """The text ended inside a key path: Helm's parser stops there, keeping what it had set."""
+
+
 class _SetParser:
     """One `--set` (or `--set-string`) argument applied into values, as Helm's strvals.ParseInto does."""
 
@@ -234,38 +241,50 @@ class _SetParser:
         return ValuesError(f"{flag} {self.text!r}: {what}")
 
     def parse_into(self, data: dict[str, Any]) -> None:
-        while self.key(data, 0):
+        try:
+            while True:
+                self.key(data, 0)
+        except _End:
             pass
 
-    def key(self, data: dict[str, Any], level: int) -> bool:
-        """Parse one key path and its value into `data`; False at the end of the text."""
+    def key(self, data: dict[str, Any], level: int) -> None:
+        """Parse one key path and its value into `data`; _End when the text ends."""
         name, last = self.scan.until("=[,.")
         if last is None:
             if name:
                 raise self.fail(f"key {name!r} has no value; write {name}=VALUE")
-            return False
+            raise _End
         if last == ",":
             raise self.fail(f"key {name!r} has no value (cannot end with ,)")
         if last == "=":
+            at_end = self.scan.pos == len(self.text)
             self.put(data, name, self.value())
-            return True
+            if at_end:  # `a=` at the very end: Helm sets "" and stops there
+                raise _End
+            return
         if last == ".":
             if level + 1 > MAX_NESTED_NAMES:
                 raise self.fail(f"nested deeper than {MAX_NESTED_NAMES} names")
-            inner = data.get(name, {}) if name in data else {}
+            inner = data.get(name, {})
             if not isinstance(inner, dict):
                 raise self.fail(f"{name} is not a mapping")
-            self.key(inner, level + 1)
+            try:
+                self.key(inner, level + 1)
+            finally:
+                if inner:
+                    self.put(data, name, inner)
             if not inner:
                 raise self.fail(f"key map {name!r} has no value")
-            self.put(data, name, inner)
-            return True
+            return
         index = self.index()  # last == "["
         items = data.get(name, [])
         if not isinstance(items, list):
             raise self.fail(f"{name} is not a list")
-        self.put(data, name, self.item(list(items), index, level))
-        return True
+        items = list(items)
+        try:
+            self.item(items, index, level)
+        finally:
+            self.put(data, name, items)
 
     @staticmethod
     def put(data: dict[str, Any], name: str, value: Any) -> None:
@@ -273,7 +292,9 @@ class _SetParser:
             data[name] = value
 
     def index(self) -> int:
-        text, _ = self.scan.until("]")
+        text, last = self.scan.until("]")
+        if last is None:
+            raise _End
         try:
             index = int(text)
         except ValueError:
@@ -282,25 +303,26 @@ class _SetParser:
             raise self.fail(f"index {index} is outside 0…{MAX_INDEX}")
         return index
 
-    def item(self, items: list[Any], index: int, level: int) -> list[Any]:
+    def item(self, items: list[Any], index: int, level: int) -> None:
+        """Parse what follows `[index]` into `items` (in place)."""
         rest, last = self.scan.until("[.=")
         if rest:
             raise self.fail(f"unexpected {rest!r} after [{index}]")
-        items.extend([None] * (index + 1 - len(items)))
+        if last is None:
+            raise _End
         if last == "=":
-            items[index] = self.value()
+            value = self.value()
         elif last == "[":
-            inner = items[index] if isinstance(items[index], list) else []
-            items[index] = self.item(list(inner), self.index(), level)
-        elif last == ".":
-            inner = items[index] if isinstance(items[index], dict) else {}
-            self.key(inner, level)
-            items[index] = inner
-        else:
-            raise self.fail(f"[{index}] needs a value; write [{index}]=VALUE")
-        return items
+            value = list(items[index]) if index < len(items) and isinstance(items[index], list) else []
+            self.item(value, self.index(), level)
+        else:  # "."
+            value = items[index] if index < len(items) and isinstance(items[index], dict) else {}
+            self.key(value, level)
+        items.extend([None] * (index + 1 - len(items)))
+        items[index] = value
 
     def value(self) -> Any:
+        """What follows '=': a `{a,b}` list, or a scalar up to the next unescaped ','."""
         if self.scan.pos < len(self.text) and self.text[self.scan.pos] == "{":
             self.scan.pos += 1
             items = []
@@ -315,7 +337,6 @@ class _SetParser:
                     return items
         text, _ = self.scan.until(",")
         return _typed(text, self.strings)
-
 
 def apply_sets(values: dict[str, Any], sets: Iterable[str] = (), set_strings: Iterable[str] = ()) -> dict[str, Any]:
     """`values` with every `--set`, then every `--set-string`, applied (as Helm orders them); not mutated."""
