@@ -723,3 +723,45 @@ def test_adversarial_strings_never_change_the_shape_of_the_objects(bad):
     are tested: a value with YAML or template syntax in it stays one string where a benign one would be."""
     want, got = _shape("benign"), _shape(bad)
     assert got == want, f"paths only with {bad!r}: {sorted(got - want)[:10]}; missing: {sorted(want - got)[:10]}"
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                      "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What in a pod spec Pod Security "restricted" (Kubernetes v1.33) refuses."""
+    out = [f"spec.{k}" for k in ("hostNetwork", "hostPID", "hostIPC") if pod.get(k)]
+    sec = pod.get("securityContext", {})
+    out += [f"volume {v['name']}" for v in pod.get("volumes", []) if not set(v) - {"name"} <= RESTRICTED_VOLUMES]
+    for c in pod["containers"]:
+        csec = c.get("securityContext", {})
+        if not (csec.get("runAsNonRoot") or sec.get("runAsNonRoot")):
+            out.append(f"{c['name']}: runAsNonRoot")
+        if (csec.get("seccompProfile") or sec.get("seccompProfile", {})).get("type") not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{c['name']}: seccompProfile")
+        if csec.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{c['name']}: allowPrivilegeEscalation")
+        caps = csec.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{c['name']}: capabilities")
+        if c.get("ports") and any(p.get("hostPort") for p in c["ports"]):
+            out.append(f"{c['name']}: hostPort")
+    return out
+
+
+@pytest.mark.parametrize("example", ["restricted-kueue", "one-node-8gpu", "kind"])
+def test_examples_without_rdma_pass_pod_security_restricted(example):
+    from rollfleet.values import load_values
+
+    from conftest import ROOT
+
+    spec = load_values(ROOT / "manifests" / "examples" / f"{example}.yaml")
+    problems = {name: restricted_violations(pod) for name, pod in pods(spec.model_dump(by_alias=True)).items()}
+    assert problems == {name: [] for name in problems}
+
+
+def test_rdma_is_outside_restricted_only_by_ipc_lock():
+    p = pods({"pools": {"trainer": {"rdma": {"enabled": True}}}})
+    assert restricted_violations(p["trainer"]) == ["ray-worker: capabilities"]
+    assert restricted_violations(p["inference"]) == []
