@@ -18,7 +18,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, StrictS
                       WithJsonSchema, model_validator)
 
 from rollfleet import vllm_args
-from rollfleet.fields import (INT32_MAX, AnyText, Annotations, Bytes, Digest, EnvName, ExtendedResource, FleetName,
+from rollfleet.fields import (AnyText, Annotations, Bytes, Digest, EnvName, ExtendedResource, FleetName,
                               ImageRepository, ImageTag, Labels, Model, Namespace, NcclName, NonEmptyLabelValue,
                               ObjectName, Quantity, SecretEnvName, full, integer, mapping, parse_quantity, text)
 from rollfleet.pod import Affinity, SecretRef, Toleration, Volume
