@@ -26,7 +26,7 @@ help: ## list the targets
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install -q $(LOCAL_TORCH) -e '.[runtime,dev]'
+	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install -q $(LOCAL_TORCH) -e '.[runtime,validate,dev]'
 	touch $@
 
 venv: $(BIN)/.installed ## create .venv with rollfleet, the CPU runtime and the test tools
@@ -40,8 +40,9 @@ test-image: venv ## the buildah stand-in build of the runtime image, as a test (
 demo: venv ## the embedded default: the runtime on a local Ray, CPU stand-in engines, 3 GRPO-shaped steps
 	$(BIN)/rollfleet demo
 
-render: venv ## render VALUES to stdout
-	$(BIN)/rollfleet render -f $(VALUES)
+render: ## render VALUES to stdout: only the YAML (the venv bootstrap, if any, talks on stderr)
+	@$(MAKE) --no-print-directory venv >&2
+	@$(BIN)/rollfleet render -f $(VALUES)
 
 manifests: venv ## regenerate the golden renders of every example (manifests/rendered/)
 	$(BIN)/python -m rollfleet.golden write

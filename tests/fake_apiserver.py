@@ -63,6 +63,7 @@ CORE = [
     ResourceType("", "v1", "configmaps", "ConfigMap", True),
     ResourceType("", "v1", "secrets", "Secret", True),
     ResourceType("", "v1", "events", "Event", True),
+    ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True),
 ]
 
 

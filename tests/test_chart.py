@@ -26,10 +26,13 @@ import yaml
 from pydantic import BaseModel, WithJsonSchema
 
 from conftest import EXAMPLES, ROOT
-from rollfleet.render import load_values, merge_default_maps, render_objects
-from rollfleet.spec import (DEFAULT_ENV, IMAGE_TAG, QUANTITY, FleetSpec, SpecError, cross_field_problems,
-                            json_schema, load_spec, runtime_config)
+from invalid_values import INVALID
+from rollfleet.fields import Fragment
+from rollfleet.render import render_objects
+from rollfleet.spec import (DEFAULT_ENV, IMAGE_TAG, FleetSpec, SpecError, cross_field_problems, json_schema,
+                            load_spec, runtime_config)
 from rollfleet.validate import validate_objects
+from rollfleet.values import load_values, merge_default_maps
 
 CHART = ROOT / "charts" / "rollfleet"
 RELEASE = "fleet"
@@ -58,11 +61,14 @@ def helm_render(chart, values: dict[str, Any], namespace: str = "default") -> di
     return chart.render(values, name=RELEASE, namespace=namespace)
 
 
+KIND_ORDER = ["ConfigMap", "RayJob", "RayCluster", "NetworkPolicy"]  # the CLI's order
+
+
 def objects_of(rendered: dict[str, str], tests: bool = False) -> list[dict]:
-    """The rendered objects (without the `helm test` hooks unless `tests`), ConfigMap first like the CLI."""
+    """The rendered objects (without the `helm test` hooks unless `tests`), in the CLI's order."""
     objs = [obj for path, text in rendered.items() if path.endswith(".yaml")
             and (tests or not path.startswith(TEST_HOOKS)) for obj in yaml.safe_load_all(text) if obj]
-    return sorted(objs, key=lambda o: o["kind"] != "ConfigMap")
+    return sorted(objs, key=lambda o: KIND_ORDER.index(o["kind"]) if o["kind"] in KIND_ORDER else len(KIND_ORDER))
 
 
 def cli_objects(values: dict[str, Any]) -> list[dict]:
@@ -160,13 +166,23 @@ def test_objects_are_named_from_the_values_not_the_release(chart):
 # --- parity beyond the examples: what Helm's value handling changes ------------------------------------
 
 def _fields(model: type[BaseModel], prefix: tuple[str, ...] = ()):
-    """(camelCase path, FieldInfo) of every field of `model`, nested models (and list items) included."""
+    """(camelCase path, FieldInfo) of every field of `model`, nested sections included (not the insides of
+    Kubernetes fragments, which keep only the keys given, as Helm does)."""
     for name, field in model.model_fields.items():
         path = (*prefix, field.alias or name)
         yield path, field
         for arg in (field.annotation, *typing.get_args(field.annotation)):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
+            if isinstance(arg, type) and issubclass(arg, BaseModel) and not issubclass(arg, Fragment):
                 yield from _fields(arg, path)
+
+
+def _is_quantity(annotation) -> bool:
+    """A field typed with fields.Quantity or fields.Bytes (possibly `| None`)."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        for m in getattr(arg, "__metadata__", ()):
+            if isinstance(m, WithJsonSchema) and {"type": "integer", "minimum": 0} in m.json_schema.get("anyOf", []):
+                return True
+    return False
 
 
 def _nullable(annotation) -> bool:
@@ -182,17 +198,21 @@ def _nest(path: tuple[str, ...], value: Any) -> dict:
 
 # Helm deletes a key set to null (and drops null defaults); the chart must put each back as null.
 NULLABLE = [p for p, field in _fields(FleetSpec) if _nullable(field.annotation)]
-QUANTITIES = [p for p, field in _fields(FleetSpec) if any(
-    isinstance(m, WithJsonSchema) and {"type": "string", "pattern": QUANTITY.pattern} in m.json_schema["anyOf"]
-    for m in field.metadata)]
+QUANTITIES = [p for p, field in _fields(FleetSpec) if _is_quantity(field.rebuild_annotation())]
 FULL_VALUES = {
     "name": "full", "namespace": "team-a", "engine": "vllm",
     "image": {"repository": "registry.example/rollfleet", "digest": DIGEST, "pullPolicy": "Always",
               "pullSecrets": ["one", "two"]},
-    "head": {"cpu": 2, "memory": 8589934592, "nodeSelector": {"pool": "cpu"},
-             "tolerations": [{"key": "cpu-only", "operator": "Exists", "effect": "NoSchedule"}]},
+    "head": {"cpu": 2, "memory": 8589934592, "ephemeralStorage": "50Gi", "nodeSelector": {"pool": "cpu"},
+             "tolerations": [{"key": "cpu-only", "operator": "Exists", "effect": "NoSchedule"}],
+             "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                 {"weight": 10, "preference": {"matchExpressions": [{"key": "cpu", "operator": "Exists"}]}}]}}},
     "pools": {
-        "trainer": {"nodes": 3, "gpusPerNode": 8, "cpu": "95500m", "memory": "1.5Ti", "shmSize": 1000000,
+        "trainer": {"nodes": 3, "gpusPerNode": 8, "cpu": "95500m", "memory": "1.5Ti", "shmSize": 10**10,
+                    "ephemeralStorage": 10**11,
+                    "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                        {"topologyKey": "kubernetes.io/hostname",
+                         "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "trainer"}}}]}},
                     "gpuProduct": None, "nodeSelector": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
                     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "", "effect": "NoExecute"},
                                     {"operator": "Exists"}],
@@ -205,26 +225,44 @@ FULL_VALUES = {
     "model": {"name": "Qwen/Qwen2.5-0.5B", "revision": "main", "dtype": "auto", "maxModelLen": None,
               "hfTokenSecret": {"name": "hf"}},
     "vllm": {"tensorParallelSize": 2, "gpuMemoryUtilization": 1, "maxNumSeqs": 64, "enforceEager": True,
-             "seed": 7, "extraEngineArgs": {"kv_cache_dtype": "fp8", "limits": {"image": 0}, "flag": None}},
-    "sync": {"bucketMiB": 2048, "port": 29500, "verifyChecksums": False, "timeoutSeconds": 1000000},
+             "seed": 7, "extraEngineArgs": {"kv_cache_dtype": "fp8", "limit_mm_per_prompt": {"image": 0}, "disable_log_stats": None}},
+    "sync": {"bucketMiB": 2048, "verifyChecksums": False, "timeoutSeconds": 1000000},
     "timeouts": {"initSeconds": 25, "healthSeconds": 3600001},
     "job": {"entrypoint": "my_pkg.train:main", "steps": 7, "submissionMode": "HTTPMode",
             "activeDeadlineSeconds": 86400, "shutdownAfterJobFinishes": False},
     "ncclEnv": {"NCCL_IB_HCA": "mlx5", "NCCL_DEBUG": "INFO"},
     "env": {"HF_HOME": "/cache", "lower_case": "x", "VLLM_LOGGING_LEVEL": "INFO", "VLLM_ATTENTION_BACKEND": None},
+    "secretEnv": {"WANDB_API_KEY": {"name": "wandb", "key": "api-key"}, "OTHER_TOKEN": {"name": "other"}},
+    "rayAuth": {"mode": "token", "secretName": "ray-token"},
+    "gangScheduling": {"scheduler": "volcano", "queue": "rl"},
+    "priorityClassName": "training-high", "serviceAccountName": "fleet",
+    "podSecurity": {"runAsUser": 2000, "runAsGroup": 2000, "fsGroup": None, "seccompProfile": "Unconfined"},
+    "volumes": [{"name": "hf-cache", "claimName": "hf-cache", "mountPath": "/home/ray/.cache/huggingface"},
+                {"name": "ckpt", "claimName": "checkpoints", "mountPath": "/ckpt", "subPath": "run-1",
+                 "readOnly": False, "groups": ["trainer"]},
+                {"name": "data", "claimName": "data", "mountPath": "/data", "readOnly": True, "groups": ["head", "inference"]}],
+    "networkPolicy": {"operatorNamespace": "kuberay-system",
+                      "ingress": [{"namespace": "monitoring", "ports": ["metrics"]},
+                                  {"namespace": "ci", "ports": ["dashboard", "client"]}]},
+    "global": {"imageRegistry": "ignored"},
 }
 EDGE_CASES = {
     "defaults": {},
     "every-field": FULL_VALUES,
     "standing-cluster": {"job": {"enabled": False}, "image": {"pullSecrets": ["creds"]}},
     "job-without-shutdown": {"job": {"shutdownAfterJobFinishes": False, "activeDeadlineSeconds": 60}},
-    "cpu-standin": {"engine": "cpu-standin", "sync": {"backend": "gloo"}, "pools": {"inference": {"gpusPerNode": 3}}},
+    "cpu-standin": {"engine": "cpu-standin", "pools": {"inference": {"gpusPerNode": 3}}},
+    "http-mode-no-policy": {"job": {"submissionMode": "HTTPMode"}, "networkPolicy": {"enabled": False}},
+    "kueue": {"gangScheduling": {"scheduler": "kueue", "queue": "team-a"}, "job": {"enabled": False}},
+    "yunikorn": {"gangScheduling": {"scheduler": "yunikorn", "queue": "root.rl"}, "rayVersion": "2.10.0"},
+    "old-ray-no-auth": {"rayVersion": "2.10.0", "rayAuth": {"mode": "auto"}},
     # each quantity as a bare integer: the model (and the chart) make it a string
-    "integer-quantities": {"head": {"cpu": 1, "memory": 8589934592}, **_nest(("pools",), {
-        pool: {"cpu": 64, "memory": 1099511627776, "shmSize": 68719476736} for pool in ("trainer", "inference")})},
+    "integer-quantities": {"head": {"cpu": 1, "memory": 8589934592, "ephemeralStorage": 10**11}, **_nest(("pools",), {
+        pool: {"cpu": 64, "memory": 1099511627776, "shmSize": 68719476736, "ephemeralStorage": 10**12}
+        for pool in ("trainer", "inference")})},
     # env/ncclEnv merge into their defaults in both (Helm's coalescing; rollfleet.render.merge_default_maps)
     "env-added-to-defaults": {"env": {"HF_HOME": "/cache"}, "ncclEnv": {"NCCL_IB_HCA": "mlx5"}},
-    "env-default-removed-with-null": {"env": {"VLLM_LOGGING_LEVEL": None}, "ncclEnv": {"NCCL_CUMEM_ENABLE": None}},
+    "env-default-removed-with-null": {"env": {"VLLM_LOGGING_LEVEL": None}},
     "toleration-defaults": {"pools": {"inference": {"tolerations": [{"key": "a"}, {"key": "b", "value": ""}]}}},
     **{f"null-{'.'.join(p)}": _nest(p, None) for p in NULLABLE if "tolerations" not in p},
 }
@@ -235,7 +273,8 @@ def test_chart_matches_the_cli_beyond_the_examples(chart, values):
     rendered = helm_render(chart, values)
     helm_objs, cli = objects_of(rendered), cli_objects(values)
     assert_same_objects(helm_objs, cli)
-    assert load_spec(json.loads(config_of(helm_objs))) == load_spec(merge_default_maps(values))
+    assert runtime_config(load_spec(json.loads(config_of(helm_objs)))) == runtime_config(
+        load_spec(merge_default_maps(values)))
 
 
 def test_cli_merges_env_into_the_defaults_as_helm_does(tmp_path):
@@ -274,38 +313,23 @@ def test_every_nullable_and_quantity_field_has_an_edge_case():
 # --- the cross-field rules fail in Helm with the CLI's message ------------------------------------------
 
 RULE_CASES = {
-    "name-not-dns": {"name": "Bad_Name"},
-    "name-starts-with-digit": {"name": "8gpu"},
-    "name-too-long": {"name": "a" * 41},
-    "name-with-quote": {"name": "it's"},
-    "namespace-not-dns": {"namespace": "Team_A"},
-    "namespace-too-long": {"namespace": "n" * 64},
-    "trainer-no-gpus": {"pools": {"trainer": {"gpusPerNode": 0}}},
-    "inference-no-gpus": {"pools": {"inference": {"gpusPerNode": 0}}},
     "shm-exceeds-memory": {"pools": {"trainer": {"memory": "1500Mi", "shmSize": "1.5Gi"},
                                      "inference": {"memory": 1073741824, "shmSize": "2Gi"}}},
+    "shm-below-minimum": {"pools": {"trainer": {"shmSize": "64Mi"}, "inference": {"shmSize": 1000000}}},
+    "annotations-too-large": {"pools": {"inference": {"annotations": {"a": "x" * 200000, "b": "y" * 70000}}}},
     "tp-exceeds-node": {"vllm": {"tensorParallelSize": 8}},
     "tp-does-not-divide": {"vllm": {"tensorParallelSize": 3}},
-    "gpu-memory-utilization-high": {"vllm": {"gpuMemoryUtilization": 1.5}},
-    "gpu-memory-utilization-whole": {"vllm": {"gpuMemoryUtilization": 2}},
-    "gpu-memory-utilization-zero": {"vllm": {"gpuMemoryUtilization": 0}},
-    "gpu-memory-utilization-negative": {"vllm": {"gpuMemoryUtilization": -0.25}},
     "prefix-caching-v0": {"env": {"VLLM_USE_V1": "0"}},
-    "vllm-over-gloo": {"sync": {"backend": "gloo"}},
-    "cpu-standin-over-nccl": {"engine": "cpu-standin"},
-    "cpu-standin-tp": {"engine": "cpu-standin", "sync": {"backend": "gloo"}, "vllm": {"tensorParallelSize": 2}},
-    "ray-version-not-semver": {"rayVersion": "latest"},
-    "ray-version-two-parts": {"rayVersion": "2.52"},
-    "ray-version-bad-range-low": {"rayVersion": "2.11.0"},
-    "ray-version-bad-range-high": {"rayVersion": "2.37.9"},
-    "sidecar-mode": {"job": {"submissionMode": "SidecarMode"}},
+    "cpu-standin-tp": {"engine": "cpu-standin", "vllm": {"tensorParallelSize": 2}},
+    "auth-token-old-ray": {"rayVersion": "2.10.0", "rayAuth": {"mode": "token"}},
+    "kueue-without-queue": {"gangScheduling": {"scheduler": "kueue"}},
+    "queue-without-scheduler": {"gangScheduling": {"queue": "rl"}},
+    "secret-env-also-in-env": {"secretEnv": {"HF_HOME": {"name": "s"}}, "env": {"HF_HOME": "/x"}},
+    "volumes-not-unique": {"volumes": [{"name": "a", "claimName": "a", "mountPath": "/a"},
+                                       {"name": "a", "claimName": "b", "mountPath": "/a/"}]},
     "runtime-env-without-job": {"job": {"enabled": False, "runtimeEnv": {"pip": ["math-verify==0.7.0"]}}},
-    "bad-env-names": {"env": {"1BAD": "x"}, "ncclEnv": {"2BAD": "y"}},
-    "non-nccl-in-ncclenv": {"ncclEnv": {"GLOO_SOCKET_IFNAME": "eth0"}},
-    "nccl-in-env": {"env": {"NCCL_IB_HCA": "mlx5"}},
-    "hf-token-in-env": {"env": {"HF_TOKEN": "hf_abc"}},
-    "many-at-once": {"name": "X", "vllm": {"tensorParallelSize": 3, "gpuMemoryUtilization": 0},
-                     "job": {"submissionMode": "SidecarMode"}, "env": {"HF_TOKEN": "x", "NCCL_DEBUG": "INFO"}},
+    "many-at-once": {"vllm": {"tensorParallelSize": 3}, "env": {"VLLM_USE_V1": "0"},
+                     "gangScheduling": {"scheduler": "kueue"}},
 }
 
 
@@ -371,7 +395,7 @@ def test_values_schema_is_generated_from_the_model():
 def test_values_yaml_defaults_are_the_model_defaults(chart):
     # chart.values: values.yaml as Helm parses it, nulls included
     assert chart.values == FleetSpec().model_dump(mode="json", by_alias=True)
-    assert chart.values == runtime_config(FleetSpec())
+    assert {k: v for k, v in chart.values.items() if k != "global"} == runtime_config(FleetSpec())
 
 
 def test_every_values_key_is_documented():
@@ -418,6 +442,15 @@ def test_helm_refuses_what_the_model_refuses(chart, values, where):
     with pytest.raises(SpecError):
         load_spec(merge_default_maps(values))
     with pytest.raises(helm.HelmValuesError, match=where):
+        helm_render(chart, values)
+
+
+@pytest.mark.parametrize(("values", "path"), [c[1:3] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_chart_refuses_every_invalid_case(chart, values, path):
+    """tests/invalid_values.py: every case the CLI refuses, Helm refuses too (its schema, or _validate.tpl)."""
+    with pytest.raises(SpecError):
+        load_spec(merge_default_maps(values))
+    with pytest.raises((helm.HelmValuesError, helm.HelmRenderError)):
         helm_render(chart, values)
 
 
@@ -598,3 +631,40 @@ def test_hook_script_fails_with_what_it_found(chart, monkeypatch):
     code, out = run_hook_script(monkeypatch, script, {"head": {"serviceName": "rollfleet-head-svc"}}, nodes)
     assert code == 1
     assert any("error: rayclusters/rollfleet did not show" in line and "'inference': 0" in line for line in out), out
+
+
+# --- template injection: every string reaches the objects as data (Go templates) -------------------------
+
+@pytest.fixture(scope="module")
+def schemaless_chart(tmp_path_factory):
+    """The chart without values.schema.json, so values no schema would let through reach the templates."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("chart") / "rollfleet"
+    shutil.copytree(CHART, copy)
+    (copy / "values.schema.json").unlink()
+    with helm.Chart.load(copy) as loaded:
+        yield loaded
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("bad", ["x\nhostNetwork: true\nimage: evil", "a: b # c - d", "{{ 7 * 7 }}}{&a *b", "'\"q\"\\"])
+def test_adversarial_strings_never_change_the_shape_of_the_chart_objects(schemaless_chart, bad):
+    """As tests/test_render.py does for the Jinja templates: every string field of the values at once."""
+    from test_render import BASE, STRING_FIELDS, _paths, _with
+
+    def shape(text: str) -> set[str]:
+        spec = BASE
+        for path, kind in STRING_FIELDS:
+            if path[-1] in ("memory", "shm_size"):  # compared as quantities by _validate.tpl: kept valid
+                continue
+            value = {"str": text, "list": [text], "map": {text: text}}[kind]
+            if path[-1] == "secret_env":  # a name env does not have (a cross-field rule)
+                value = {text + "S": {"name": text, "key": text}}
+            spec = _with(spec, path, value)
+        values = spec.model_dump(mode="json", by_alias=True, warnings=False)
+        objs = objects_of(schemaless_chart.render(values, name=RELEASE, namespace="default"), tests=True)
+        return {p.replace(text, "<s>") for o in objs for p in _paths(o)}
+
+    want, got = shape("benign"), shape(bad)
+    assert got == want, f"paths only with {bad!r}: {sorted(got - want)[:10]}; missing: {sorted(want - got)[:10]}"

@@ -375,7 +375,7 @@ def test_deploy_applies_waits_and_a_second_deploy_changes_nothing(cluster, rollf
     rc, out, err = rollfleet("deploy")
     assert rc == 0, err
     assert "ConfigMap rl/smoke-config: unchanged" in out and "RayJob rl/smoke: unchanged" in out
-    assert len(writes(cluster)) == before + 2  # two no-op applies (the stand-in's hook did not fire again)
+    assert len(writes(cluster)) == before + 3  # three no-op applies (the stand-in's hook did not fire again)
     assert {k: o["metadata"]["resourceVersion"] for k, o in cluster.objects.items()} == versions
 
 
@@ -555,15 +555,18 @@ def test_down_deletes_only_this_instances_labelled_objects_of_its_kinds(cluster,
     assert rc == 0, err
     assert "deleted RayJob rl/smoke" in out and "deleted ConfigMap rl/smoke-config" in out
     assert "RayCluster rl/smoke-abcde: goes with its owner RayJob smoke" in out
-    assert "waiting up to 120s for RayJob rl/smoke, RayCluster rl/smoke-abcde, ConfigMap rl/smoke-config to be gone" in out
+    assert "waiting up to 120s for RayJob rl/smoke, RayCluster rl/smoke-abcde, ConfigMap rl/smoke-config, " \
+           "NetworkPolicy rl/smoke to be gone" in out
     deleted = sorted(p.split("?")[0] for m, p in writes(cluster) if m == "DELETE")
-    assert deleted == ["/api/v1/namespaces/rl/configmaps/smoke-config", "/apis/ray.io/v1/namespaces/rl/rayjobs/smoke"]
+    assert deleted == ["/api/v1/namespaces/rl/configmaps/smoke-config",
+                       "/apis/networking.k8s.io/v1/namespaces/rl/networkpolicies/smoke",
+                       "/apis/ray.io/v1/namespaces/rl/rayjobs/smoke"]
     assert cluster.get("RayCluster", "smoke-abcde", "rl") is None  # the garbage collector's cascade
     for obj in keep:
         assert cluster.get(obj["kind"], obj["metadata"]["name"], obj["metadata"]["namespace"]) is not None
     assert cluster.get("Pod", "smoke-head", "rl") is not None  # pods are the operator's to delete
     rc, out, err = rollfleet("down")
-    assert rc == 0 and "nothing to delete: no RayJob, RayCluster, ConfigMap labelled app.kubernetes.io/instance=" \
+    assert rc == 0 and "nothing to delete: no RayJob, RayCluster, ConfigMap, NetworkPolicy labelled app.kubernetes.io/instance=" \
                        "smoke,app.kubernetes.io/managed-by=rollfleet in namespace rl" in out
 
 

@@ -34,16 +34,16 @@ def test_launch_with_a_bad_field_exits_2_naming_it(tmp_path, capsys):
 
 
 def test_launch_with_a_misspelt_key_suggests_the_right_one(tmp_path, capsys):
-    path = _config(tmp_path, {"engine": "cpu-standin", "sync": {"backend": "gloo", "timeoutSecond": 5}})
+    path = _config(tmp_path, {"engine": "cpu-standin", "sync": {"timeoutSecond": 5}})
     assert launch.main(["--config", path]) == 2
     err = capsys.readouterr().err
     assert "sync.timeoutSecond: unknown key; did you mean 'sync.timeoutSeconds'?" in err
 
 
 def test_launch_with_a_cross_field_problem_exits_2(tmp_path, capsys):
-    path = _config(tmp_path, {"engine": "cpu-standin"})  # the stand-in needs sync.backend: gloo
+    path = _config(tmp_path, {"engine": "cpu-standin", "vllm": {"tensorParallelSize": 2}})  # the stand-in has no TP
     assert launch.main(["--config", path]) == 2
-    assert "sync.backend: engine 'cpu-standin' syncs over gloo; set sync.backend: gloo" in capsys.readouterr().err
+    assert "vllm.tensorParallelSize: the cpu-standin engine has no tensor parallelism" in capsys.readouterr().err
 
 
 def test_launch_with_unreadable_config_exits_2_naming_the_file(tmp_path, capsys):
@@ -58,7 +58,7 @@ def test_launch_with_unreadable_config_exits_2_naming_the_file(tmp_path, capsys)
 def test_demo_runs_the_local_example_values():
     spec = demo.local_spec()
     assert spec == load_values(ROOT / "manifests" / "examples" / "local.yaml")
-    assert spec.engine == "cpu-standin" and spec.sync.backend == "gloo"
+    assert spec.engine == "cpu-standin" and spec.sync_backend == "gloo"
     assert spec.engines == 2 and spec.world_size == 3 and spec.pools.trainer.gpus == 2
     assert demo.local_spec(["job.steps=5"]).job.steps == 5
 

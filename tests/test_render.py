@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rollfleet import render
-from rollfleet.render import CONFIG_PATH, apply_sets, load_values, render_objects, to_yaml
-from rollfleet.spec import DEFAULT_ENV, SpecError, load_spec
+from rollfleet.render import CONFIG_PATH, render_objects, to_yaml
+from rollfleet.spec import DEFAULT_ENV, FleetSpec, load_spec
 from rollfleet.validate import validate_objects
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
@@ -65,7 +65,7 @@ def all_containers(values: dict | None = None) -> list[dict]:
 
 def test_job_enabled_renders_configmap_and_rayjob_with_embedded_cluster():
     objs = render_objects(load_spec({}))
-    assert [o["kind"] for o in objs] == ["ConfigMap", "RayJob"]
+    assert [o["kind"] for o in objs] == ["ConfigMap", "RayJob", "NetworkPolicy"]
     job = objs[1]
     assert job["apiVersion"] == "ray.io/v1"
     assert job["spec"]["entrypoint"] == f"python -m rollfleet.runtime.launch --config {CONFIG_PATH}"
@@ -75,7 +75,7 @@ def test_job_enabled_renders_configmap_and_rayjob_with_embedded_cluster():
 
 def test_job_disabled_renders_a_standalone_raycluster_with_recreate():
     objs = render_objects(load_spec({"job": {"enabled": False}}))
-    assert [o["kind"] for o in objs] == ["ConfigMap", "RayCluster"]
+    assert [o["kind"] for o in objs] == ["ConfigMap", "RayCluster", "NetworkPolicy"]
     spec = objs[1]["spec"]
     assert spec["upgradeStrategy"] == {"type": "Recreate"}
     assert "entrypoint" not in spec and "rayClusterSpec" not in spec
@@ -84,8 +84,8 @@ def test_job_disabled_renders_a_standalone_raycluster_with_recreate():
 @pytest.mark.parametrize("enabled", [True, False])
 def test_name_and_namespace_on_every_object(enabled):
     objs = render_objects(load_spec({"name": "fleet-a", "namespace": "team-b", "job": {"enabled": enabled}}))
-    assert [o["metadata"]["namespace"] for o in objs] == ["team-b", "team-b"]
-    assert [o["metadata"]["name"] for o in objs] == ["fleet-a-config", "fleet-a"]
+    assert [o["metadata"]["namespace"] for o in objs] == ["team-b"] * 3
+    assert [o["metadata"]["name"] for o in objs] == ["fleet-a-config", "fleet-a", "fleet-a"]
 
 
 @pytest.mark.parametrize("word", ["yes", "no", "on", "off", "true", "null"])
@@ -195,18 +195,22 @@ def test_standard_labels_on_every_object_and_pod(enabled):
         assert STANDARD_LABELS <= set(group["template"]["metadata"]["labels"])
 
 
+RESTRICTED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
 def test_rdma_resource_and_ipc_lock_only_when_enabled():
     g = groups({"pools": {"trainer": {"rdma": {"enabled": True, "resourceName": "nvidia.com/hostdev", "count": 2}}}})
     tr, inf = container(g["trainer"]), container(g["inference"])
     assert tr["resources"]["limits"]["nvidia.com/hostdev"] == 2
-    assert tr["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+    assert tr["securityContext"] == {"allowPrivilegeEscalation": False,
+                                     "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}
     assert set(inf["resources"]["limits"]) == {"cpu", "memory", "nvidia.com/gpu"}
-    assert "securityContext" not in inf
+    assert inf["securityContext"] == RESTRICTED
 
 
 def test_rdma_disabled_by_default():
     for c in all_containers({}):
-        assert "securityContext" not in c
+        assert c["securityContext"] == RESTRICTED
         assert not any(k.startswith("rdma/") for k in c["resources"]["limits"])
 
 
@@ -371,63 +375,9 @@ def test_head_mounts_the_configmap_where_the_launcher_reads_it():
 def test_to_yaml_is_multi_document_and_round_trips():
     objs = render_objects(load_spec({}))
     text = to_yaml(objs)
-    assert text.startswith("---\n") and text.count("\n---\n") == 1
+    assert text.startswith("---\n") and text.count("\n---\n") == len(objs) - 1
     assert list(yaml.safe_load_all(text)) == objs
     assert "fleet.json: |" in text  # the runtime config stays readable
-
-
-# --- apply_sets / load_values ------------------------------------------------------------------------------
-
-
-def test_apply_sets_creates_nested_keys_and_parses_yaml_scalars():
-    values = {"pools": {"trainer": {"nodes": 1}}}
-    out = apply_sets(values, ["pools.inference.gpusPerNode=8", "vllm.enablePrefixCaching=false",
-                              "image.digest=null", "name=grpo", "ncclEnv.NCCL_IB_HCA=mlx5", "model.revision="])
-    assert out == {"pools": {"trainer": {"nodes": 1}, "inference": {"gpusPerNode": 8}},
-                   "vllm": {"enablePrefixCaching": False}, "image": {"digest": None}, "name": "grpo",
-                   "ncclEnv": {"NCCL_IB_HCA": "mlx5"}, "model": {"revision": ""}}
-    assert values == {"pools": {"trainer": {"nodes": 1}}}  # the input is not mutated
-
-
-def test_apply_sets_later_wins_and_overrides_the_file():
-    assert apply_sets({"name": "a"}, ["name=b", "name=c"]) == {"name": "c"}
-
-
-def test_apply_sets_value_may_contain_equals():
-    assert apply_sets({}, ["env.OPTS=a=b"]) == {"env": {"OPTS": "a=b"}}
-
-
-@pytest.mark.parametrize("item", ["pools.inference.gpusPerNode", "=3", ""])
-def test_apply_sets_refuses_malformed_items(item):
-    with pytest.raises(ValueError, match="--set"):
-        apply_sets({}, [item])
-
-
-def test_apply_sets_refuses_walking_through_a_scalar():
-    with pytest.raises(ValueError, match="not a mapping"):
-        apply_sets({"name": "x"}, ["name.first=y"])
-
-
-def test_load_values_applies_sets_over_the_file(tmp_path):
-    path = tmp_path / "v.yaml"
-    path.write_text("name: from-file\npools:\n  inference: {gpusPerNode: 8}\n")
-    spec = load_values(path, ["vllm.tensorParallelSize=4"])
-    assert (spec.name, spec.pools.inference.gpus_per_node, spec.engines) == ("from-file", 8, 2)
-    with pytest.raises(SpecError, match="vllm.tensorParallelSize"):
-        load_values(path, ["vllm.tensorParallelSize=3"])
-
-
-def test_load_values_empty_file_and_none_give_defaults(tmp_path):
-    path = tmp_path / "empty.yaml"
-    path.write_text("# nothing\n")
-    assert load_values(path) == load_values(None) == load_spec({})
-
-
-def test_load_values_refuses_a_non_mapping(tmp_path):
-    path = tmp_path / "list.yaml"
-    path.write_text("- a\n- b\n")
-    with pytest.raises(ValueError, match="must be a YAML mapping"):
-        load_values(path)
 
 
 # --- templates ---------------------------------------------------------------------------------------------
@@ -468,13 +418,13 @@ def valid_values(draw) -> dict:
     tp = draw(st.sampled_from(divisors)) if engine == "vllm" else 1  # the CPU stand-in has no TP
 
     def pool(gpus_per_node: int) -> dict:
-        memory = draw(st.integers(1, 2048))
+        memory = draw(st.integers(2, 2048))
         return {
             "nodes": draw(st.integers(1, 4)),
             "gpusPerNode": gpus_per_node,
             "cpu": draw(st.sampled_from(["500m", "8", 96, "1.5"])),
             "memory": f"{memory}Gi",
-            "shmSize": draw(st.sampled_from([f"{memory}Gi", f"{memory * 512}Mi", "64Mi"])),
+            "shmSize": draw(st.sampled_from([f"{memory}Gi", f"{memory * 512}Mi", "1Gi"])),
             "gpuProduct": draw(st.sampled_from([None, "NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"])),
             "tolerations": draw(st.lists(st.fixed_dictionaries(
                 {"key": st.sampled_from(["dedicated", "spot"]), "effect": st.sampled_from(["NoSchedule", "NoExecute"])}),
@@ -487,7 +437,7 @@ def valid_values(draw) -> dict:
         "name": draw(st.one_of(DNS1035, YAML_LOOKALIKES)),
         "namespace": draw(st.one_of(DNS1123, YAML_LOOKALIKES, st.sampled_from(["123", "0x1f", "017"]))),
         "engine": engine,
-        "sync": {"backend": "nccl" if engine == "vllm" else "gloo", "bucketMiB": draw(st.integers(1, 16384))},
+        "sync": {"bucketMiB": draw(st.integers(1, 16384))},
         "image": {"digest": draw(st.sampled_from([None, DIGEST])),
                   "pullSecrets": draw(st.lists(DNS1123, max_size=2, unique=True))},
         "pools": {"trainer": pool(draw(st.integers(1, 16))), "inference": pool(inference_gpus)},
@@ -524,3 +474,294 @@ def test_property_valid_specs_render_their_gpus_and_validate(crds, values):
     assert spec.engines * spec.vllm.tensor_parallel_size == rendered_inference_gpus
     assert spec.world_size == 1 + rendered_inference_gpus
     assert load_spec(json.loads(objs[0]["data"]["fleet.json"])) == spec
+
+
+# --- the keys platform teams need -----------------------------------------------------------------------
+
+
+def pods(values: dict | None = None) -> dict[str, dict]:
+    """Every pod spec: head, trainer, inference and (K8sJobMode) the submitter."""
+    objs = objects(values)
+    c = cluster(values)
+    out = {"head": c["headGroupSpec"]["template"]["spec"],
+           **{g["groupName"]: g["template"]["spec"] for g in c["workerGroupSpecs"]}}
+    if "RayJob" in objs and "submitterPodTemplate" in objs["RayJob"]["spec"]:
+        out["submitter"] = objs["RayJob"]["spec"]["submitterPodTemplate"]["spec"]
+    return out
+
+
+def test_pods_pass_pod_security_restricted_by_default():
+    for name, pod in pods({}).items():
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
+                                          "seccompProfile": {"type": "RuntimeDefault"}}, name
+        for c in pod["containers"]:
+            assert c["securityContext"] == RESTRICTED, name
+        assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod)
+
+
+def test_pod_security_values_reach_every_pod():
+    values = {"podSecurity": {"runAsUser": 2000, "runAsGroup": 3000, "fsGroup": None, "seccompProfile": "Unconfined"}}
+    for pod in pods(values).values():
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 2000, "runAsGroup": 3000,
+                                          "seccompProfile": {"type": "Unconfined"}}
+
+
+def test_service_account_and_priority_class_on_every_pod():
+    for pod in pods({"serviceAccountName": "fleet", "priorityClassName": "training"}).values():
+        assert pod["serviceAccountName"] == "fleet" and "automountServiceAccountToken" not in pod
+        assert pod["priorityClassName"] == "training"
+    assert not any("priorityClassName" in pod for pod in pods({}).values())
+
+
+def test_submitter_pod_only_in_k8s_job_mode_with_the_fleets_labels():
+    job = objects({"name": "sub"})["RayJob"]["spec"]
+    template = job["submitterPodTemplate"]
+    assert template["metadata"]["labels"]["app.kubernetes.io/instance"] == "sub"
+    assert template["metadata"]["labels"]["app.kubernetes.io/component"] == "submitter"
+    (c,) = template["spec"]["containers"]
+    assert c["name"] == "ray-job-submitter" and "command" not in c  # KubeRay fills in `ray job submit`
+    assert template["spec"]["restartPolicy"] == "Never"
+    assert "submitterPodTemplate" not in objects({"job": {"submissionMode": "HTTPMode"}})["RayJob"]["spec"]
+
+
+def test_affinity_reaches_only_its_pod():
+    anti = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"a": "b"}}}]}}
+    p = pods({"pools": {"inference": {"affinity": anti}}})
+    assert p["inference"]["affinity"] == anti
+    assert "affinity" not in p["trainer"] and "affinity" not in p["head"]
+
+
+def test_volumes_mount_into_their_groups():
+    values = {"volumes": [{"name": "hf", "claimName": "hf-cache", "mountPath": "/hf"},
+                          {"name": "ckpt", "claimName": "ckpt", "mountPath": "/ckpt", "subPath": "run",
+                           "readOnly": True, "groups": ["trainer"]}]}
+    p = pods(values)
+    assert {"name": "hf", "persistentVolumeClaim": {"claimName": "hf-cache"}} in p["head"]["volumes"]
+    assert {"name": "ckpt", "persistentVolumeClaim": {"claimName": "ckpt"}} in p["trainer"]["volumes"]
+    assert not any(v["name"] == "ckpt" for v in p["inference"]["volumes"] + p["head"]["volumes"])
+    (trainer,) = p["trainer"]["containers"]
+    assert {"name": "ckpt", "mountPath": "/ckpt", "readOnly": True, "subPath": "run"} in trainer["volumeMounts"]
+    assert {"name": "hf", "mountPath": "/hf"} in trainer["volumeMounts"]
+    assert "volumes" not in p.get("submitter", {})
+
+
+def test_ephemeral_storage_is_a_request():
+    res = container(groups({"pools": {"trainer": {"ephemeralStorage": "200Gi"}}})["trainer"])["resources"]
+    assert res["requests"]["ephemeral-storage"] == "200Gi" and "ephemeral-storage" not in res["limits"]
+    assert container(head({"head": {"ephemeralStorage": 10**10}}))["resources"]["requests"]["ephemeral-storage"] == \
+        str(10**10)
+    assert "ephemeral-storage" not in container(head({}))["resources"]["requests"]
+
+
+def test_secret_env_by_reference_on_every_container():
+    values = {"secretEnv": {"WANDB_API_KEY": {"name": "wandb", "key": "api-key"}, "A_TOKEN": {"name": "a"}}}
+    for c in all_containers(values):
+        env = env_of(c)
+        assert env["WANDB_API_KEY"] == {"name": "WANDB_API_KEY",
+                                        "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}
+        assert env["A_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "a", "key": "token"}
+    assert "api-key" not in render_objects(load_spec(values))[0]["data"]["fleet.json"].split("secretEnv")[0]
+
+
+@pytest.mark.parametrize(("gang", "want"), [
+    ({"scheduler": "kueue", "queue": "team-a"}, {"kueue.x-k8s.io/queue-name": "team-a"}),
+    ({"scheduler": "volcano", "queue": "rl"}, {"ray.io/scheduler-name": "volcano", "volcano.sh/queue-name": "rl",
+                                               "ray.io/priority-class-name": "high"}),
+    ({"scheduler": "yunikorn", "queue": "root.rl"}, {"ray.io/scheduler-name": "yunikorn",
+                                                     "ray.io/gang-scheduling-enabled": "true",
+                                                     "yunikorn.apache.org/app-id": "gang",
+                                                     "yunikorn.apache.org/queue": "root.rl"}),
+])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_gang_scheduling_labels_the_top_level_object(gang, want, enabled):
+    values = {"name": "gang", "gangScheduling": gang, "priorityClassName": "high", "job": {"enabled": enabled}}
+    top = objects(values)["RayJob" if enabled else "RayCluster"]
+    assert want.items() <= top["metadata"]["labels"].items()
+    for g in cluster(values)["workerGroupSpecs"]:  # the group's minimum is the whole pool
+        assert g["minReplicas"] == g["replicas"] == g["maxReplicas"]
+
+
+def test_ray_auth_token_where_the_ray_version_supports_it():
+    assert cluster({})["authOptions"] == {"mode": "token"}
+    assert cluster({"rayAuth": {"secretName": "tok"}})["authOptions"] == {"mode": "token", "secretName": "tok"}
+    assert "authOptions" not in cluster({"rayVersion": "2.10.0"})
+    assert "authOptions" not in cluster({"rayAuth": {"mode": "disabled"}})
+
+
+def test_network_policy_opens_the_fleet_to_itself_and_the_operator_only():
+    policy = objects({"name": "np", "namespace": "rl"})["NetworkPolicy"]
+    fleet = {"app.kubernetes.io/name": "rollfleet", "app.kubernetes.io/instance": "np"}
+    assert policy["spec"]["podSelector"] == {"matchLabels": fleet}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    own, operator = policy["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": fleet}}]}  # no ports: NCCL's are ephemeral
+    assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    assert operator["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+
+
+def test_network_policy_ingress_from_named_namespaces():
+    policy = objects({"networkPolicy": {"operatorNamespace": "kuberay-system", "ingress": [
+        {"namespace": "monitoring", "ports": ["metrics"]}, {"namespace": "ci", "ports": ["dashboard", "client"]}]}})
+    _, operator, monitoring, ci = policy["NetworkPolicy"]["spec"]["ingress"]
+    assert operator["from"][0]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}
+    assert monitoring == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                          "ports": [{"port": 8080, "protocol": "TCP"}]}
+    assert [p["port"] for p in ci["ports"]] == [8265, 10001]
+    assert "NetworkPolicy" not in objects({"networkPolicy": {"enabled": False}})
+
+
+# --- template injection: every string reaches the objects as data --------------------------------------
+
+# newlines, ': ', '{{', quotes, '#', and YAML words, combined into a few strings
+ADVERSARIAL = ["x\nhostNetwork: true\nimage: evil", "a: b # c - d", "{{ 7 * 7 }}{% raw %}}{&a *b",
+               "'\"q\"\\", "null"]
+
+
+def _string_fields(model, prefix=()):
+    """(path, kind) of every string-carrying field of the spec: str, list[str], dict keys and values."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        path = (*prefix, name)
+        ann = field.annotation
+        args = [a for a in (ann, *typing.get_args(ann)) if a is not type(None)]
+        if typing.get_origin(ann) is list:
+            args = [ann]
+        items = [typing.get_args(a)[0] for a in args if typing.get_origin(a) is list]
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        item_models = [a for a in items if isinstance(a, type) and issubclass(a, BaseModel)]
+        if "dict[" in str(ann):
+            yield path, "map"
+        elif models or item_models:
+            yield from _string_fields((models or item_models)[0], path if models else (*path, 0))
+        elif "list[" in str(ann):
+            if items and _is_str(items[0]):
+                yield path, "list"
+        elif any(_is_str(a) for a in args):
+            yield path, "str"
+
+
+def _is_str(annotation) -> bool:
+    """str, a Literal of strings, or an Annotated str (str | int for quantities)."""
+    import typing
+
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    # a Literal is an enum: it carries no user text once validated, and its value steers the templates
+    return annotation is str or str in typing.get_args(annotation)
+
+
+def _with(spec, path, value):
+    """`spec` with the field at `path` (attribute names) replaced, without validation."""
+    head, rest = path[0], path[1:]
+    if isinstance(head, int):  # an item of a list of models
+        return [_with(spec[head], rest, value), *spec[head + 1:]]
+    if not rest:
+        return spec.model_copy(update={head: value})
+    return spec.model_copy(update={head: _with(getattr(spec, head), rest, value)})
+
+
+def _paths(obj, prefix=""):
+    if isinstance(obj, dict):
+        return {p for k, v in obj.items() for p in _paths(v, f"{prefix}/{k}")} | {prefix}
+    if isinstance(obj, list):
+        return {p for i, v in enumerate(obj) for p in _paths(v, f"{prefix}/{i}")} | {prefix}
+    return {prefix}
+
+
+STRING_FIELDS = list(_string_fields(FleetSpec))
+TOLERATIONS = [{"key": "k", "operator": "Equal", "value": "v", "effect": "NoSchedule"}]
+_REQ = [{"key": "k", "operator": "In", "values": ["v"]}]
+_SELECTOR = {"match_labels": {"a": "b"}, "match_expressions": _REQ}
+_TERM = {"topology_key": "t", "namespaces": ["n"], "label_selector": _SELECTOR, "namespace_selector": _SELECTOR,
+         "match_label_keys": ["k"], "mismatch_label_keys": ["m"]}
+_POD = {"required_during_scheduling_ignored_during_execution": [_TERM],
+        "preferred_during_scheduling_ignored_during_execution": [{"weight": 1, "pod_affinity_term": _TERM}]}
+AFFINITY = {"node_affinity": {
+    "required_during_scheduling_ignored_during_execution": {"node_selector_terms": [
+        {"match_expressions": _REQ, "match_fields": _REQ}]},
+    "preferred_during_scheduling_ignored_during_execution": [
+        {"weight": 1, "preference": {"match_expressions": _REQ, "match_fields": _REQ}}]},
+    "pod_affinity": _POD, "pod_anti_affinity": _POD}
+BASE = FleetSpec(job={"entrypoint": "pkg.mod:main"},
+                 head={"tolerations": TOLERATIONS, "affinity": AFFINITY},
+                 pools={"trainer": {"rdma": {"enabled": True}, "tolerations": TOLERATIONS, "affinity": AFFINITY},
+                        "inference": {"tolerations": TOLERATIONS, "affinity": AFFINITY}},
+                 volumes=[{"name": "v", "claim_name": "c", "mount_path": "/m", "sub_path": "s"}],
+                 network_policy={"operator_namespace": "op", "ingress": [{"namespace": "n", "ports": ["metrics"]}]},
+                 model={"revision": "main", "hfTokenSecret": {"name": "hf"}}, priority_class_name="p",
+                 service_account_name="sa", ray_auth={"secret_name": "tok"},
+                 gang_scheduling={"scheduler": "volcano", "queue": "q"})
+
+
+def test_every_string_field_is_covered():
+    paths = {".".join(map(str, p)) for p, _ in STRING_FIELDS}
+    assert {"name", "namespace", "image.repository", "image.tag", "pools.trainer.rdma.resource_name",
+            "pools.inference.labels", "env", "model.name", "job.entrypoint", "gang_scheduling.queue"} <= paths
+    assert len(paths) >= 40
+
+
+def _shape(text: str) -> set[str]:
+    """The object paths of a render with every string field set to `text` (`text` itself masked)."""
+    spec = BASE
+    for path, kind in STRING_FIELDS:
+        value = {"str": text, "list": [text], "map": {text: text}}[kind]
+        if path[-1] == "secret_env":
+            value = {text: {"name": text, "key": text}}
+        spec = _with(spec, path, value)
+    return {p.replace(text, "<s>") for o in render_objects(spec) for p in _paths(o)}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the spec is built without validation on purpose
+@pytest.mark.parametrize("bad", ADVERSARIAL)
+def test_adversarial_strings_never_change_the_shape_of_the_objects(bad):
+    """Every string field at once, in a spec built without validation (model_copy), so the templates alone
+    are tested: a value with YAML or template syntax in it stays one string where a benign one would be."""
+    want, got = _shape("benign"), _shape(bad)
+    assert got == want, f"paths only with {bad!r}: {sorted(got - want)[:10]}; missing: {sorted(want - got)[:10]}"
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                      "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What in a pod spec Pod Security "restricted" (Kubernetes v1.33) refuses."""
+    out = [f"spec.{k}" for k in ("hostNetwork", "hostPID", "hostIPC") if pod.get(k)]
+    sec = pod.get("securityContext", {})
+    out += [f"volume {v['name']}" for v in pod.get("volumes", []) if not set(v) - {"name"} <= RESTRICTED_VOLUMES]
+    for c in pod["containers"]:
+        csec = c.get("securityContext", {})
+        if not (csec.get("runAsNonRoot") or sec.get("runAsNonRoot")):
+            out.append(f"{c['name']}: runAsNonRoot")
+        if (csec.get("seccompProfile") or sec.get("seccompProfile", {})).get("type") not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{c['name']}: seccompProfile")
+        if csec.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{c['name']}: allowPrivilegeEscalation")
+        caps = csec.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{c['name']}: capabilities")
+        if c.get("ports") and any(p.get("hostPort") for p in c["ports"]):
+            out.append(f"{c['name']}: hostPort")
+    return out
+
+
+@pytest.mark.parametrize("example", ["restricted-kueue", "one-node-8gpu", "kind"])
+def test_examples_without_rdma_pass_pod_security_restricted(example):
+    from rollfleet.values import load_values
+
+    from conftest import ROOT
+
+    spec = load_values(ROOT / "manifests" / "examples" / f"{example}.yaml")
+    problems = {name: restricted_violations(pod) for name, pod in pods(spec.model_dump(by_alias=True)).items()}
+    assert problems == {name: [] for name in problems}
+
+
+def test_rdma_is_outside_restricted_only_by_ipc_lock():
+    p = pods({"pools": {"trainer": {"rdma": {"enabled": True}}}})
+    assert restricted_violations(p["trainer"]) == ["ray-worker: capabilities"]
+    assert restricted_violations(p["inference"]) == []

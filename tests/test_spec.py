@@ -1,4 +1,4 @@
-"""spec.py: the values model, its cross-field rules, and the one-line-per-problem errors."""
+"""spec.py (and the field types of fields.py, pod.py): the values model, its rules, one line per problem."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import yaml
 from pydantic import ValidationError
 
 from conftest import EXAMPLES
+from invalid_values import INVALID as ISSUE_CASES
+from rollfleet.values import merge_default_maps
 from rollfleet.spec import (
     DEFAULT_ENV,
     DEFAULT_NCCL_ENV,
@@ -68,9 +70,8 @@ INVALID = [
     ("shm-exceeds-memory-inference-units", {"pools": {"inference": {"memory": "1G", "shmSize": "1Gi"}}},
      "pools.inference.shmSize", "lower shmSize or raise memory"),
     # both pools need GPUs
-    ("trainer-no-gpus", {"pools": {"trainer": {"gpusPerNode": 0}}}, "pools.trainer.gpusPerNode", "has no GPUs"),
     ("inference-no-gpus", {"pools": {"inference": {"gpusPerNode": 0}}},
-     "pools.inference.gpusPerNode", "has no GPUs"),
+     "pools.inference.gpusPerNode", "greater than or equal to 1"),
     ("gpus-per-node-17", {"pools": {"inference": {"gpusPerNode": 17}}},
      "pools.inference.gpusPerNode", "less than or equal to 16"),
     ("nodes-zero", {"pools": {"trainer": {"nodes": 0}}}, "pools.trainer.nodes", "greater than or equal to 1"),
@@ -84,7 +85,7 @@ INVALID = [
     ("unknown-in-list", {"pools": {"trainer": {"tolerations": [{"keyy": "dedicated"}]}}},
      "pools.trainer.tolerations[0].keyy", "did you mean 'pools.trainer.tolerations[0].key'?"),
     ("unknown-bucket-case", {"sync": {"bucketMib": 512}}, "sync.bucketMib", "did you mean 'sync.bucketMiB'?"),
-    ("unknown-no-close-match", {"sync": {"zzzzzz": 1}}, "sync.zzzzzz", "known keys here: backend, bucketMiB"),
+    ("unknown-no-close-match", {"sync": {"zzzzzz": 1}}, "sync.zzzzzz", "known keys here: bucketMiB, timeoutSeconds"),
     ("misspelt-required-key", {"model": {"hfTokenSecret": {"nam": "hf-token"}}},
      "model.hfTokenSecret.nam", "did you mean 'model.hfTokenSecret.name'?"),
     ("missing-required-key", {"model": {"hfTokenSecret": {"key": "token"}}},
@@ -95,10 +96,8 @@ INVALID = [
     ("ray-2.37", {"rayVersion": "2.37.9"}, "rayVersion", f"use {RAY_VERSION}"),
     ("ray-not-semver", {"rayVersion": "latest"}, "rayVersion", "not MAJOR.MINOR.PATCH"),
     ("ray-two-parts", {"rayVersion": "2.52"}, "rayVersion", "not MAJOR.MINOR.PATCH"),
-    # engine and sync backend must agree
-    ("cpu-standin-with-nccl", {"engine": "cpu-standin"}, "sync.backend", "set sync.backend: gloo"),
-    ("vllm-with-gloo", {"sync": {"backend": "gloo"}}, "sync.backend", "set sync.backend: nccl"),
-    ("cpu-standin-with-tp", {"engine": "cpu-standin", "sync": {"backend": "gloo"}, "vllm": {"tensorParallelSize": 2}},
+    # the CPU stand-in has no tensor parallelism
+    ("cpu-standin-with-tp", {"engine": "cpu-standin", "vllm": {"tensorParallelSize": 2}},
      "vllm.tensorParallelSize", "set it to 1"),
     ("unknown-engine", {"engine": "sglang"}, "engine", "'vllm' or 'cpu-standin'"),
     # submission modes
@@ -110,9 +109,9 @@ INVALID = [
      "ncclEnv.GLOO_SOCKET_IFNAME", "only NCCL_* variables"),
     ("hf-token-in-env", {"env": {**DEFAULT_ENV, "HF_TOKEN": "hf_abc"}}, "env.HF_TOKEN", "model.hfTokenSecret"),
     ("bad-env-name", {"env": {"1BAD": "x"}}, "env.1BAD", "not a valid environment variable name"),
-    ("env-value-not-string", {"env": {"VLLM_USE_V1": 1}}, "env.VLLM_USE_V1", "valid string"),
+    ("env-value-not-string", {"env": {"VLLM_USE_V1": 1}}, "env.VLLM_USE_V1", "valid string; write it in quotes"),
     # quantities
-    ("memory-gb-suffix", {"pools": {"trainer": {"memory": "64GB"}}}, "pools.trainer.memory", "Kubernetes quantity"),
+    ("memory-gb-suffix", {"pools": {"trainer": {"memory": "64GB"}}}, "pools.trainer.memory", "size in bytes"),
     ("cpu-word", {"head": {"cpu": "two"}}, "head.cpu", "Kubernetes quantity"),
     ("cpu-negative", {"pools": {"inference": {"cpu": "-4"}}}, "pools.inference.cpu", "Kubernetes quantity"),
     ("shm-float", {"pools": {"inference": {"shmSize": 1.5}}}, "pools.inference.shmSize", "quote it"),
@@ -124,12 +123,11 @@ INVALID = [
     ("digest-no-algorithm", {"image": {"digest": "ab" * 32}}, "image.digest", "sha256"),
     ("pull-policy", {"image": {"pullPolicy": "Sometimes"}}, "image.pullPolicy", "IfNotPresent"),
     # trainer entrypoint is module:function
-    ("entrypoint-no-function", {"job": {"entrypoint": "my_trainer.main"}}, "job.entrypoint", "pattern"),
-    ("entrypoint-shell", {"job": {"entrypoint": "python train.py"}}, "job.entrypoint", "pattern"),
-    ("entrypoint-two-colons", {"job": {"entrypoint": "a:b:c"}}, "job.entrypoint", "pattern"),
+    ("entrypoint-no-function", {"job": {"entrypoint": "my_trainer.main"}}, "job.entrypoint", "module:function"),
+    ("entrypoint-shell", {"job": {"entrypoint": "python train.py"}}, "job.entrypoint", "module:function"),
+    ("entrypoint-two-colons", {"job": {"entrypoint": "a:b:c"}}, "job.entrypoint", "module:function"),
     # other bounded fields
     ("bucket-zero", {"sync": {"bucketMiB": 0}}, "sync.bucketMiB", "greater than or equal to 1"),
-    ("port-privileged", {"sync": {"port": 80}}, "sync.port", "greater than or equal to 1024"),
     ("init-timeout-zero", {"timeouts": {"initSeconds": 0}}, "timeouts.initSeconds", "greater than or equal to 1"),
     ("toleration-operator", {"pools": {"trainer": {"tolerations": [{"operator": "Sometimes"}]}}},
      "pools.trainer.tolerations[0].operator", "Exists"),
@@ -138,9 +136,13 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("values", "path", "fragment"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+ALL_INVALID = INVALID + ISSUE_CASES
+
+
+@pytest.mark.parametrize(("values", "path", "fragment"), [c[1:] for c in ALL_INVALID],
+                         ids=[c[0] for c in ALL_INVALID])
 def test_invalid_spec_is_one_line_naming_the_field(values, path, fragment):
-    problems = problems_of(values)
+    problems = problems_of(merge_default_maps(values))  # as a values file is read (env, ncclEnv merged)
     assert len(problems) == 1, problems
     (line,) = problems
     assert "\n" not in line
@@ -149,11 +151,12 @@ def test_invalid_spec_is_one_line_naming_the_field(values, path, fragment):
 
 
 def test_enough_distinct_invalid_specs():
-    ids = [c[0] for c in INVALID]
-    assert len(set(ids)) == len(ids) >= 30
+    ids = [c[0] for c in ALL_INVALID]
+    assert len(set(ids)) == len(ids) >= 140
 
 
 def test_several_problems_give_one_line_each_in_the_error_text():
+    """Field problems and cross-field problems of the same file, in one run."""
     values = {"name": "Bad", "vllm": {"tensorParallelSize": 3}, "job": {"submissionMode": "SidecarMode"},
               "env": {**DEFAULT_ENV, "HF_TOKEN": "x"}}
     with pytest.raises(SpecError) as info:
@@ -161,7 +164,13 @@ def test_several_problems_give_one_line_each_in_the_error_text():
     lines = str(info.value).splitlines()
     assert lines == info.value.problems
     assert [line.split(":")[0] for line in lines] == [
-        "name", "vllm.tensorParallelSize", "job.submissionMode", "env.HF_TOKEN"]
+        "name", "job.submissionMode", "env.HF_TOKEN", "vllm.tensorParallelSize"]
+
+
+def test_a_cross_field_problem_about_a_field_in_error_is_not_reported_twice():
+    # memory is malformed: "shmSize exceeds memory" would compare against the default and mislead
+    problems = problems_of({"pools": {"trainer": {"memory": "lots", "shmSize": "300Gi"}}})
+    assert [p.split(":")[0] for p in problems] == ["pools.trainer.memory"]
 
 
 def test_field_errors_in_several_places_each_name_their_path():
@@ -186,12 +195,21 @@ def test_ray_versions_outside_the_hanging_range_are_accepted(version):
     pytest.param({"vllm": {"tensorParallelSize": 2}, "pools": {"inference": {"gpusPerNode": 6}}}, id="tp-divides"),
     pytest.param({"vllm": {"enablePrefixCaching": False}, "env": {"VLLM_USE_V1": "0"}}, id="v0-without-prefix"),
     pytest.param({"pools": {"trainer": {"memory": "1Gi", "shmSize": "1024Mi"}}}, id="shm-equals-memory"),
-    pytest.param({"pools": {"trainer": {"memory": 64, "shmSize": "32"}}}, id="integer-quantity"),
-    pytest.param({"engine": "cpu-standin", "sync": {"backend": "gloo"}}, id="cpu-standin-gloo"),
+    pytest.param({"pools": {"trainer": {"memory": 2**31, "shmSize": str(2**30)}}}, id="integer-quantity"),
+    pytest.param({"engine": "cpu-standin"}, id="cpu-standin"),
+    pytest.param({"pools": {"trainer": {"shmSize": "1Gi", "memory": "1Gi"}}}, id="shm-minimum"),
+    pytest.param({"pools": {"trainer": {"annotations": {"a": "x" * 262143}}}}, id="annotations-at-the-limit"),
+    pytest.param({"image": {"repository": "localhost:5000/a/b__c", "tag": "v1.2.3-rc_1"}}, id="image-reference"),
+    pytest.param({"pools": {"trainer": {"nodes": 2.0}}}, id="integral-float"),
+    pytest.param({"pools": {"trainer": {"tolerations": [{"key": "a", "operator": "Equal", "value": ""},
+                                                          {"operator": "Exists"}]}}}, id="tolerations"),
+    pytest.param({"vllm": {"extraEngineArgs": {"kv_cache_dtype": "fp8", "load_format": "dummy"}}}, id="engine-args"),
+    pytest.param({"env": {"TOKENIZERS_PARALLELISM": "false", "KEYBOARD": "x"}}, id="env-not-credentials"),
+    pytest.param({"global": {"anything": [1, {"goes": True}]}}, id="helm-global"),
     pytest.param({"job": {"submissionMode": "HTTPMode"}}, id="http-mode"),
     pytest.param({"job": {"entrypoint": "my_pkg.train:main"}}, id="entrypoint"),
     pytest.param({"image": {"digest": DIGEST}}, id="digest"),
-    pytest.param({"env": {}, "ncclEnv": {}}, id="empty-env"),
+    pytest.param({"env": {}, "ncclEnv": {"NCCL_CUMEM_ENABLE": "0"}}, id="empty-env"),
 ])
 def test_valid_edges_are_accepted(values):
     spec = load_spec(values)
@@ -211,7 +229,8 @@ def test_defaults():
     assert spec.env["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
     assert spec.nccl_env == {"NCCL_CUMEM_ENABLE": "0"}
     assert spec.ray_version == RAY_VERSION
-    assert spec.engine == "vllm" and spec.sync.backend == "nccl"
+    assert spec.engine == "vllm" and spec.sync_backend == "nccl"
+    assert load_spec({"engine": "cpu-standin"}).sync_backend == "gloo"
     assert spec.sync.bucket_mib == 1024
     assert spec.job.enabled is True and spec.job.submission_mode == "K8sJobMode"
     assert spec.model.hf_token_secret is None
@@ -255,6 +274,11 @@ def test_bad_quantities_do_not_parse(text):
         parse_quantity(text)
 
 
+def test_quantity_patterns_refuse_a_trailing_newline():
+    with pytest.raises(ValueError):
+        parse_quantity("64Gi\n")
+
+
 def test_integer_quantities_are_kept_as_strings():
     spec = load_spec({"pools": {"trainer": {"cpu": 48}}})
     assert spec.pools.trainer.cpu == "48"
@@ -271,8 +295,8 @@ def _full_values() -> dict:
                   "inference": {"gpusPerNode": 8, "labels": {"team": "rl"}, "annotations": {"a": "b"}}},
         "model": {"name": "Qwen/Qwen2.5-0.5B", "revision": "main", "hfTokenSecret": {"name": "hf"}},
         "vllm": {"tensorParallelSize": 2, "gpuMemoryUtilization": 0.85, "maxNumSeqs": 64,
-                 "extraEngineArgs": {"kv_cache_dtype": "fp8", "limits": {"image": 0}}},
-        "sync": {"bucketMiB": 2048, "port": 29500, "verifyChecksums": False},
+                 "extraEngineArgs": {"kv_cache_dtype": "fp8", "limit_mm_per_prompt": {"image": 0}}},
+        "sync": {"bucketMiB": 2048, "verifyChecksums": False},
         "timeouts": {"initSeconds": 300, "healthSeconds": 45},
         "job": {"entrypoint": "my_pkg.train:main", "steps": 7, "submissionMode": "HTTPMode",
                 "activeDeadlineSeconds": 3600, "shutdownAfterJobFinishes": False},

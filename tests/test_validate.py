@@ -8,7 +8,8 @@ import jsonschema
 import pytest
 
 from conftest import EXAMPLES
-from rollfleet.render import load_values, render_objects
+from rollfleet.render import render_objects
+from rollfleet.values import load_values
 from rollfleet.spec import load_spec
 from rollfleet.validate import crd_validator, crds_dir, make_strict, validate_object, validate_objects
 
@@ -16,7 +17,7 @@ from rollfleet.validate import crd_validator, crds_dir, make_strict, validate_ob
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.stem)
 def test_every_example_validates_strictly(crds, example):
     objs = render_objects(load_values(example))
-    assert {o["kind"] for o in objs} <= {"ConfigMap", "RayJob", "RayCluster"}
+    assert {o["kind"] for o in objs} <= {"ConfigMap", "RayJob", "RayCluster", "NetworkPolicy"}
     assert validate_objects(objs, crds) == []
 
 
@@ -140,3 +141,29 @@ def test_crds_dir_honours_the_environment(crds, monkeypatch, tmp_path):
     assert crds_dir() == crds
     monkeypatch.setenv("ROLLFLEET_CRDS_DIR", str(tmp_path))  # empty: not taken, the next candidate is
     assert crds_dir() != tmp_path
+
+
+def test_strict_schema_is_cached_as_json_keyed_by_the_file(crds, monkeypatch, tmp_path):
+    from rollfleet.validate import CRD_FILES, cached_strict_schema, strict_schema
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = crds / CRD_FILES["RayJob"]
+    first = cached_strict_schema(path)
+    (cached,) = (tmp_path / "rollfleet" / "crd-schemas").iterdir()
+    assert first == strict_schema(path.read_bytes()) and first["additionalProperties"] is False
+    cached.write_text('{"marker": true}')  # the cache is what a second run reads
+    assert cached_strict_schema(path) == {"marker": True}
+    cached.write_text("not json")  # a broken cache is rebuilt
+    assert cached_strict_schema(path) == first
+
+
+def test_missing_crds_say_how_to_get_them_outside_a_checkout(monkeypatch, tmp_path):
+    from rollfleet import validate
+
+    monkeypatch.setenv("ROLLFLEET_CRDS_DIR", str(tmp_path))
+    monkeypatch.setattr(validate, "__file__", str(tmp_path / "site-packages/rollfleet/validate.py"))
+    with pytest.raises(validate.CrdsMissing) as exc:
+        validate.crds_dir()
+    message = str(exc.value)
+    assert "--crds DIR" in message and "curl -fsSLO" in message
+    assert "ray.io_rayjobs.yaml" in message and "v1.7.0" in message

@@ -774,3 +774,18 @@ def test_documented_differences(use: Use, present: tuple[str, ...]) -> None:
 def test_vllm_api_module_is_plain_data() -> None:
     assert all(isinstance(u, Use) for u in vllm_api.USES)
     assert {u.kind for u in USES} <= set(vllm_api.KINDS)
+
+
+def test_extra_engine_args_list_is_the_image_vllm_engine_args() -> None:
+    """src/rollfleet/vllm_engine_args.txt (what `vllm.extraEngineArgs` and the chart's schema allow) lists
+    exactly the public EngineArgs fields of the image's vLLM."""
+    from rollfleet import vllm_args
+
+    lock = (SRC.parents[1] / "images" / "runtime" / "requirements.lock").read_text()
+    assert f"vllm=={IMAGE_VLLM} " in lock
+    source = package(IMAGE_VLLM).src.read("vllm/engine/arg_utils.py")
+    assert source, "vllm/engine/arg_utils.py not in the wheel"
+    assert vllm_args.listed() == vllm_args.fields_in(source)
+
+
+IMAGE_VLLM = "0.14.1"  # images/runtime/requirements.lock

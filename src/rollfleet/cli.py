@@ -4,47 +4,86 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from rollfleet import bench, demo, kube
-from rollfleet.spec import SpecError
+from rollfleet.spec import IMAGE_TAG, KUBERAY_VERSION, RAY_VERSION, SpecError
 
 USAGE_ERROR = 2
+# What a command needs beyond `pip install rollfleet`: the module, and the extra that brings it.
+EXTRAS = {"ray": "runtime", "torch": "runtime", "transformers": "runtime", "vllm": "vllm",
+          "jsonschema": "validate", "kubernetes_validate": "validate"}
+# Kinds `render -o DIR` writes as <name>.<kind>.yaml (a fleet's stale files are removed by this list).
+KINDS = ("configmap", "rayjob", "raycluster", "networkpolicy")
 
 
 def _values_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--values", help="values file (YAML); omitted: the defaults")
+    p.add_argument("-f", "--values", action="append", metavar="FILE",
+                   help="values file (YAML; `-` reads stdin); repeatable, later files win (deep merge, as Helm)")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
-                   help="override one value, e.g. --set pools.inference.gpusPerNode=8 (repeatable)")
+                   help="override values in Helm's syntax, e.g. --set pools.inference.gpusPerNode=8,"
+                        "image.pullSecrets={a,b} (repeatable; after the files)")
+    p.add_argument("--set-string", action="append", default=[], metavar="PATH=VALUE",
+                   help="as --set, but every value stays a string (e.g. --set-string image.tag=1.10)")
 
 
 def _spec(args):
-    from rollfleet.render import load_values
+    from rollfleet.values import load_values
 
-    return load_values(args.values, args.set)
+    return load_values(args.values or [], args.set, getattr(args, "set_string", []))
+
+
+def _write_dir(out: Path, name: str, objects: list[dict]) -> None:
+    """One file per object, named <fleet>.<kind>.yaml; this fleet's files of kinds not rendered now are
+    removed (e.g. after job.enabled: false); other files in the directory are left alone."""
+    from rollfleet.render import to_yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = set()
+    for obj in objects:
+        path = out / f"{name}.{obj['kind'].lower()}.yaml"
+        path.write_text(to_yaml([obj]))
+        written.add(path)
+    for kind in KINDS:
+        stale = out / f"{name}.{kind}.yaml"
+        if stale not in written and stale.is_file():
+            stale.unlink()
 
 
 def cmd_render(args) -> int:
     from rollfleet.render import render_objects, to_yaml
 
-    objects = render_objects(_spec(args))
+    spec = _spec(args)
+    objects = render_objects(spec)
     if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        for obj in objects:
-            (out / f"{obj['kind'].lower()}.yaml").write_text(to_yaml([obj]))
-        print(f"wrote {len(objects)} objects to {out}/", file=sys.stderr)
+        _write_dir(Path(args.output), spec.name, objects)
+        print(f"wrote {len(objects)} objects to {args.output}/{spec.name}.*.yaml", file=sys.stderr)
     else:
         sys.stdout.write(to_yaml(objects))
     return 0
+
+
+def _report(args, report: dict) -> None:
+    if args.output == "json":
+        print(json.dumps(report, indent=2))
+    elif args.output == "yaml":
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(report, sort_keys=False))
 
 
 def cmd_validate(args) -> int:
     from rollfleet.render import render_objects
     from rollfleet.validate import CrdsMissing, validate_objects
 
-    spec = _spec(args)
+    try:
+        spec = _spec(args)
+    except SpecError as exc:
+        _report(args, {"valid": False, "stage": "values", "problems": exc.problems})
+        raise
     objects = render_objects(spec)
     try:
         problems = validate_objects(objects, Path(args.crds) if args.crds else None)
@@ -53,12 +92,18 @@ def cmd_validate(args) -> int:
         return USAGE_ERROR
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
+    _report(args, {"valid": not problems, "stage": "objects", "problems": problems,
+                   "objects": [f"{o['kind']}/{o['metadata']['name']}" for o in objects],
+                   "namespace": spec.namespace, "engines": spec.engines,
+                   "tensorParallelSize": spec.vllm.tensor_parallel_size, "trainerGpus": spec.pools.trainer.gpus,
+                   "inferenceGpus": spec.pools.inference.gpus, "kuberay": KUBERAY_VERSION})
     if problems:
         return 1
-    kinds = ", ".join(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
-    print(f"ok: {kinds} valid (KubeRay v1.7.0 CRDs strict, Kubernetes strict); "
-          f"{spec.engines} engine(s) × TP {spec.vllm.tensor_parallel_size}, "
-          f"{spec.pools.trainer.gpus} trainer GPU(s)")
+    if not args.output:
+        kinds = ", ".join(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
+        print(f"ok: {kinds} valid (KubeRay {KUBERAY_VERSION} CRDs strict, Kubernetes strict); "
+              f"{spec.engines} engine(s) × TP {spec.vllm.tensor_parallel_size}, "
+              f"{spec.pools.trainer.gpus} trainer GPU(s)")
     return 0
 
 
@@ -83,16 +128,19 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollfleet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("render", help="print the Kubernetes objects for a values file")
     _values_args(p)
-    p.add_argument("-o", "--output", help="write one file per object into this directory")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="write one file per object into DIR, named <name>.<kind>.yaml (stale ones of this fleet go)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("validate", help="render and validate against KubeRay CRDs and Kubernetes schemas")
     _values_args(p)
     p.add_argument("--crds", help="directory with the KubeRay v1.7.0 CRDs (default: found or `make crds`)")
+    p.add_argument("-o", "--output", choices=("json", "yaml"), help="also print the result as JSON or YAML")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("schema", help="print the values JSON Schema (the chart's values.schema.json)")
@@ -102,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_command(sub, cmd_demo)
     bench.add_command(sub, cmd_bench)
     return parser
+
+
+def version() -> str:
+    try:
+        own = metadata.version("rollfleet")
+    except metadata.PackageNotFoundError:
+        own = "unknown"
+    return f"rollfleet {own} (image tag {IMAGE_TAG}, Ray {RAY_VERSION}, KubeRay {KUBERAY_VERSION})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except ModuleNotFoundError as exc:
+        module = (exc.name or "").split(".")[0]
+        extra = EXTRAS.get(module)
+        fix = f"pip install 'rollfleet[{extra}]'" if extra else f"install {module}"
+        print(f"error: rollfleet {args.command} needs {module}, which is not installed; {fix}", file=sys.stderr)
+        return USAGE_ERROR
+    except Exception as exc:  # noqa: BLE001 - the promise: no traceback reaches a user
+        if os.environ.get("ROLLFLEET_DEBUG"):
+            raise
+        print(f"error: rollfleet {args.command} failed: {type(exc).__name__}: {exc} (a bug: please report it; "
+              f"ROLLFLEET_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ def main(args) -> int:
     model = str(tiny.ensure())
     try:
         ray = start_local_ray(spec)
+    except ModuleNotFoundError:
+        raise  # the CLI names the extra to install
     except Exception as exc:  # Ray's own processes did not come up: one line, and what to do
         print(f"error: the local Ray did not start ({type(exc).__name__}: {str(exc).strip().splitlines()[-1]}); "
               f"on a loaded machine retry, or raise RAY_raylet_start_wait_time_s (now "

@@ -25,8 +25,8 @@ FIELD_MANAGER = "rollfleet"
 GPU = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}  # as the templates render it
 API_VERSIONS = {"ConfigMap": "v1", "RayJob": "ray.io/v1", "RayCluster": "ray.io/v1", "Namespace": "v1",
-                "Secret": "v1", "Node": "v1", "Pod": "v1", "Event": "v1"}
-CREATED_KINDS = ("RayJob", "RayCluster", "ConfigMap")  # all rollfleet creates, so all `down` deletes
+                "Secret": "v1", "Node": "v1", "Pod": "v1", "Event": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
+CREATED_KINDS = ("RayJob", "RayCluster", "ConfigMap", "NetworkPolicy")  # all rollfleet creates: all `down` deletes
 KUBERAY_INSTALL = ("helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0 "
                    "(helm repo add kuberay https://ray-project.github.io/kuberay-helm/)")
 NOTHING_APPLIED = 2  # preflight or dry-run apply failed: the cluster was not touched

@@ -1,8 +1,10 @@
-"""FleetSpec → Kubernetes objects, through the Jinja templates in manifests/templates (StrictUndefined)."""
+"""FleetSpec → Kubernetes objects, through the Jinja templates in manifests/templates (StrictUndefined).
+
+Every spec value reaches the objects through `tojson`, so it is data in the YAML, never syntax.
+"""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,8 @@ from typing import Any
 import jinja2
 import yaml
 
-from rollfleet.spec import FleetSpec, load_spec, runtime_config
+from rollfleet.spec import PORTS, FleetSpec, runtime_config
+from rollfleet.values import load_values  # noqa: F401  (re-exported: kube.py and the demo load values here)
 
 TEMPLATES = Path(__file__).parent / "templates"
 CONFIG_PATH = "/etc/rollfleet/fleet.json"
@@ -37,6 +40,65 @@ def node_selector(pool) -> dict[str, str]:
     return {**gpu, **pool.node_selector}
 
 
+def fleet_selector(spec: FleetSpec) -> dict[str, str]:
+    """The labels that select every pod of this fleet (the NetworkPolicy's own pods)."""
+    return {"app.kubernetes.io/name": "rollfleet", "app.kubernetes.io/instance": spec.name}
+
+
+def gang_labels(spec: FleetSpec) -> dict[str, str]:
+    """Labels on the RayJob/RayCluster that hand the fleet to a gang scheduler. KubeRay's Volcano and
+    YuniKorn integrations size the group from minReplicas (= replicas here): the whole fleet at once."""
+    gang, queue = spec.gang_scheduling, spec.gang_scheduling.queue
+    if gang.scheduler == "kueue":
+        return {"kueue.x-k8s.io/queue-name": queue}
+    out = {"ray.io/scheduler-name": gang.scheduler} if gang.scheduler else {}
+    if gang.scheduler == "volcano":
+        out.update({"volcano.sh/queue-name": queue} if queue else {})
+        out.update({"ray.io/priority-class-name": spec.priority_class_name} if spec.priority_class_name else {})
+    if gang.scheduler == "yunikorn":
+        out.update({"ray.io/gang-scheduling-enabled": "true", "yunikorn.apache.org/app-id": spec.name})
+        out.update({"yunikorn.apache.org/queue": queue} if queue else {})
+    return out
+
+
+def pod_security(spec: FleetSpec) -> dict[str, Any]:
+    """The pod securityContext: Pod Security "restricted" (non-root, seccomp) unless the values loosen it."""
+    sec = spec.pod_security
+    out: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": sec.run_as_user, "runAsGroup": sec.run_as_group}
+    if sec.fs_group is not None:
+        out["fsGroup"] = sec.fs_group
+    out["seccompProfile"] = {"type": sec.seccomp_profile}
+    return out
+
+
+def container_security(rdma: bool) -> dict[str, Any]:
+    """No privilege escalation, every capability dropped; IPC_LOCK (outside "restricted") only with RDMA."""
+    caps: dict[str, Any] = {"drop": ["ALL"], **({"add": ["IPC_LOCK"]} if rdma else {})}
+    return {"allowPrivilegeEscalation": False, "capabilities": caps}
+
+
+def gpu_limits(pool) -> list[tuple[str, int]]:
+    """Limits beyond cpu and memory: the GPUs, and the RDMA devices when enabled."""
+    extra = [("nvidia.com/gpu", pool.gpus_per_node)]
+    return extra + ([(pool.rdma.resource_name, pool.rdma.count)] if pool.rdma.enabled else [])
+
+
+def volume_mount(volume) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": volume.name, "mountPath": volume.mount_path}
+    out.update({"readOnly": True} if volume.read_only else {})
+    out.update({"subPath": volume.sub_path} if volume.sub_path else {})
+    return out
+
+
+def auth_options(spec: FleetSpec) -> dict[str, Any]:
+    secret = spec.ray_auth.secret_name
+    return {"mode": "token", **({"secretName": secret} if secret else {})}
+
+
+def namespace_selector(namespace: str | None) -> dict[str, Any]:
+    return {"matchLabels": {"kubernetes.io/metadata.name": namespace}} if namespace else {}
+
+
 def _json_default(value: Any) -> Any:
     """`tojson` would turn an undefined name into a TypeError; StrictUndefined's own error names it."""
     if isinstance(value, jinja2.Undefined):
@@ -51,7 +113,10 @@ def _env() -> jinja2.Environment:
     )
     env.policies["json.dumps_kwargs"] = {"sort_keys": False, "default": _json_default}
     env.globals.update(labels=labels, node_selector=node_selector, raylet_health=RAYLET_HEALTH,
-                       gcs_health=GCS_HEALTH)
+                       gcs_health=GCS_HEALTH, fleet_selector=fleet_selector, gang_labels=gang_labels,
+                       pod_security=pod_security, container_security=container_security, gpu_limits=gpu_limits,
+                       volume_mount=volume_mount, auth_options=auth_options, namespace_selector=namespace_selector,
+                       ports=PORTS)
     return env
 
 
@@ -68,7 +133,8 @@ def config_name(spec: FleetSpec) -> str:
 
 
 def render_objects(spec: FleetSpec) -> list[dict[str, Any]]:
-    """ConfigMap + (RayJob with an embedded cluster | standalone RayCluster), as plain dicts."""
+    """ConfigMap + (RayJob with an embedded cluster | standalone RayCluster) + NetworkPolicy (unless
+    networkPolicy.enabled is false), as plain dicts."""
     env = _env()
     context = {
         "s": spec,
@@ -79,6 +145,7 @@ def render_objects(spec: FleetSpec) -> list[dict[str, Any]]:
         "runtime_env": go_json(spec.job.runtime_env.ray()) if spec.job.runtime_env.ray() else "",
     }
     names = ["configmap.yaml.j2", "rayjob.yaml.j2" if spec.job.enabled else "raycluster.yaml.j2"]
+    names += ["networkpolicy.yaml.j2"] if spec.network_policy.enabled else []
     objects = []
     for name in names:
         text = env.get_template(name).render(context)
@@ -99,46 +166,3 @@ _Dumper.add_representer(str, lambda d, v: d.represent_scalar(
 
 def to_yaml(objects: list[dict[str, Any]]) -> str:
     return "---\n" + "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=120) for o in objects)
-
-
-def apply_sets(values: dict[str, Any], sets: list[str]) -> dict[str, Any]:
-    """Apply `--set a.b=c` overrides (value parsed as YAML, like Helm's --set for scalars)."""
-    out = copy.deepcopy(values)
-    for item in sets:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: write --set path.to.key=value")
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {part} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
-    return out
-
-
-def merge_default_maps(values: dict[str, Any]) -> dict[str, Any]:
-    """Merge the values' `env` and `ncclEnv` into their defaults, as Helm merges a values file into the
-    chart's values.yaml (pydantic would replace them, dropping e.g. NCCL_CUMEM_ENABLE=0 when a file only
-    adds NCCL_IB_HCA). So `rollfleet render -f` and `helm install -f` build the same spec from the same file.
-    As in Helm, `KEY: null` removes a default key; a null for any other key stays and is refused."""
-    out = dict(values)
-    defaults = FleetSpec().model_dump(by_alias=True)
-    for name, field in FleetSpec.model_fields.items():  # the maps with non-empty defaults: env, ncclEnv
-        key = field.alias or name
-        if isinstance(field.default, dict) and field.default and isinstance(out.get(key), dict):
-            merged = {**defaults[key], **out[key]}
-            out[key] = {k: v for k, v in merged.items() if v is not None or k not in defaults[key]}
-    return out
-
-
-def load_values(path: str | Path | None, sets: list[str] = ()) -> FleetSpec:
-    """Read a values file (YAML), apply --set overrides, validate. Raises SpecError / ValueError."""
-    values: dict[str, Any] = {}
-    if path:
-        loaded = yaml.safe_load(Path(path).read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: the values file must be a YAML mapping")
-        values = loaded or {}
-    return load_spec(merge_default_maps(apply_sets(values, list(sets))))

@@ -1,32 +1,30 @@
 """FleetSpec: the one values format (camelCase, like Helm values) and the one source of truth.
 
 The same model drives `rollfleet render`, the chart's `values.schema.json`, and the runtime config
-that the image reads from the ConfigMap. Every rule that JSON Schema cannot express lives in
-`FleetSpec._cross_field_rules`, and each failure names the field path and the fix.
+that the image reads from the ConfigMap. A rule about one field lives in its type (fields.py, pod.py),
+so the generated schema, and with it `helm install`, enforces it too. The rules JSON Schema cannot
+express (several fields, sums, comparisons of quantities) are `cross_field_problems`, twinned in the
+chart's templates/_validate.tpl. Every problem is one line naming the field path and the fix.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
-from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from typing import Annotated
-
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, StrictStr, ValidationError, ValidationInfo,
                       WithJsonSchema, model_validator)
-from pydantic.alias_generators import to_camel
 
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-# KubeRay refuses RayCluster/RayJob names that are not DNS-1035 labels (must start with a letter).
-DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-SUFFIX = {"m": Decimal("0.001"), None: Decimal(1), **{s: Decimal(1000) ** (i + 1) for i, s in enumerate("kMGTPE")},
-          **{s + "i": Decimal(1024) ** (i + 1) for i, s in enumerate("KMGTPE")}}
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# KubeRay's probes hang with Ray 2.11–2.37 (DESIGN.md §2): refused.
-BAD_RAY = ((2, 11), (2, 37))
+from rollfleet import vllm_args
+from rollfleet.fields import (AnyText, Annotations, Bytes, Digest, EnvName, ExtendedResource, FleetName,
+                              ImageRepository, ImageTag, Labels, Model, Namespace, NcclName, NonEmptyLabelValue,
+                              ObjectName, Quantity, SecretEnvName, full, integer, mapping, parse_quantity, text)
+from rollfleet.pod import Affinity, SecretRef, Toleration, Volume
+
+__all__ = ["FleetSpec", "SpecError", "load_spec", "json_schema", "runtime_config", "cross_field_problems",
+           "parse_quantity", "Quantity", "DEFAULT_ENV", "DEFAULT_NCCL_ENV", "RAY_VERSION", "IMAGE_TAG"]
 
 DEFAULT_ENV = {
     "VLLM_USE_V1": "1",
@@ -38,7 +36,11 @@ DEFAULT_ENV = {
 # vLLM sets NCCL_CUMEM_ENABLE=0 in its own processes; the trainer must match (NeMo-RL #564, SkyRL #143).
 DEFAULT_NCCL_ENV = {"NCCL_CUMEM_ENABLE": "0"}
 RAY_VERSION = "2.52.1"  # equals the image lock's ray (tests check it)
+KUBERAY_VERSION = "v1.7.0"  # the operator (and CRDs) the objects are written for
+RAY_AUTH_SINCE = (2, 52)  # KubeRay's authOptions.mode token needs Ray 2.52.0 or later
 IMAGE_TAG = "0.1.0-vllm0.14.1"
+MIN_SHM = "1Gi"  # NCCL and vLLM TP break on small /dev/shm (the container default is 64 MiB)
+MAX_ANNOTATIONS_BYTES = 256 * 1024  # Kubernetes' limit on all of an object's annotations together
 
 
 class SpecError(ValueError):
@@ -49,54 +51,83 @@ class SpecError(ValueError):
         super().__init__("\n".join(problems))
 
 
-class Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
-        use_attribute_docstrings=True,
-    )
-
-
-def _quantity_type(value: Any) -> Any:
-    """One error for a non-string, non-integer quantity (not one per member of `str | int`)."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"{value!r} is not a Kubernetes quantity; quote it, e.g. '8', '500m', '0.5', '64Gi'")
+def _ray_version(value: str) -> str:
+    m = re.fullmatch(r"([0-9]+)\.([0-9]+)\.([0-9]+)", value)
+    if not m:
+        raise ValueError(f"not MAJOR.MINOR.PATCH; use the image's Ray, {RAY_VERSION}")
+    if (2, 11) <= (int(m[1]), int(m[2])) <= (2, 37):
+        raise ValueError(f"in 2.11–2.37, whose probes hang under KubeRay; use {RAY_VERSION} (the image's Ray)")
     return value
 
 
-def _quantity(value: str | int) -> str:
-    if not QUANTITY.match(str(value)):
-        raise ValueError(f"{value!r} is not a Kubernetes quantity; write e.g. '8', '500m', '64Gi'")
-    return str(value)
+RayVersion = Annotated[StrictStr, AfterValidator(_ray_version), WithJsonSchema({"type": "string", "allOf": [
+    {"pattern": full(r"[0-9]+\.[0-9]+\.[0-9]+")}, {"not": {"pattern": r"^2\.(1[1-9]|2[0-9]|3[0-7])\."}}]})]
 
 
-def parse_quantity(value: str | int) -> Decimal:
-    """A Kubernetes quantity ('64Gi', '500m', '8') as a number."""
-    m = QUANTITY.match(str(value))
-    if not m:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity")
-    return Decimal(m[1]) * SUFFIX[m[2]]
+def ray_version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a Ray version; (0, 0) for text that is not one."""
+    m = re.match(r"([0-9]+)\.([0-9]+)", version)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
-# The pattern is in the JSON Schema too, so `helm install` rejects a bad quantity before rendering.
-Quantity = Annotated[str | int, BeforeValidator(_quantity_type), AfterValidator(_quantity), WithJsonSchema(
-    {"anyOf": [{"type": "string", "pattern": QUANTITY.pattern}, {"type": "integer", "minimum": 0}]})]
+def _no_sidecar(value: Any) -> Any:
+    if value == "SidecarMode":
+        raise ValueError("SidecarMode is known to hang in Initializing (kuberay#4945); use K8sJobMode or HTTPMode")
+    return value
 
 
-class Toleration(Model):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] = "Exists"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+SubmissionMode = Annotated[Literal["K8sJobMode", "HTTPMode"], BeforeValidator(_no_sidecar)]
+
+
+def _utilization(value: float) -> float:
+    if not 0 < value <= 1:
+        raise ValueError("outside (0, 1]; use e.g. 0.9 (lower to 0.8 or 0.7 on CUDA out of memory)")
+    return value
+
+
+GpuMemoryUtilization = Annotated[float, AfterValidator(_utilization), WithJsonSchema(
+    {"type": "number", "exclusiveMinimum": 0, "maximum": 1})]
+
+
+def _engine_arg(key: str) -> str:
+    problem = vllm_args.problem(key)
+    if problem:
+        raise ValueError(problem)
+    return key
+
+
+EngineArgKey = Annotated[StrictStr, AfterValidator(_engine_arg), WithJsonSchema(
+    {"type": "string", "enum": vllm_args.schema_names()})]
+
+
+def _with_cumem(env: dict[str, str]) -> dict[str, str]:
+    if env.get("NCCL_CUMEM_ENABLE") != "0":
+        raise ValueError("NCCL_CUMEM_ENABLE must be '0' (vLLM sets it to 0 in its own processes and both sides of "
+                         "the sync group must match); set ncclEnv.NCCL_CUMEM_ENABLE: '0'")
+    return env
+
+
+NcclEnv = Annotated[mapping(NcclName, AnyText), AfterValidator(_with_cumem), WithJsonSchema({
+    "type": "object", "required": ["NCCL_CUMEM_ENABLE"], "properties": {"NCCL_CUMEM_ENABLE": {"const": "0"}},
+    "propertyNames": {"type": "string", "pattern": full("NCCL_[A-Za-z0-9_]*")},
+    "additionalProperties": {"type": "string"}})]
+Entrypoint = text(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", "not module:function; write e.g. my_pkg.train:main")
+ModelName = text(r"[^\x00-\x1f]+", "not a model id or path; write a Hugging Face repo id (org/name) or a path, "
+                 "on one line", max_length=1024)
+Revision = text(r"[^\x00-\x1f ]+", "not a Hugging Face revision; write a branch, tag or commit, without spaces",
+                max_length=255)
+QueueName = text(r"[^\x00-\x1f/ ]+|root(\.[^\x00-\x1f. ]+)*", "not a queue name; write the LocalQueue, Volcano "
+                 "queue or YuniKorn queue (e.g. root.rl) without spaces", max_length=253)
 
 
 class Image(Model):
-    repository: str = "ghcr.io/rollfleet/runtime"
+    repository: ImageRepository = "ghcr.io/rollfleet/runtime"
     """Image repository; one image serves both pools so NCCL and every library match on both sides."""
-    tag: str = IMAGE_TAG
-    digest: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
+    tag: ImageTag = IMAGE_TAG
+    digest: Digest | None = None
     """Optional `sha256:…` digest; when set the image is pulled by digest."""
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    pull_secrets: list[str] = []
+    pull_secrets: list[ObjectName] = []
     """Names of existing `kubernetes.io/dockerconfigjson` Secrets (referenced, never read)."""
 
     @property
@@ -106,33 +137,39 @@ class Image(Model):
 
 class Head(Model):
     cpu: Quantity = "4"
-    memory: Quantity = "16Gi"
-    node_selector: dict[str, str] = {}
+    memory: Bytes = "16Gi"
+    ephemeral_storage: Bytes | None = None
+    """`ephemeral-storage` request (Ray's logs and object spilling live there); null: none."""
+    node_selector: Labels = {}
     tolerations: list[Toleration] = []
+    affinity: Affinity | None = None
 
 
 class Rdma(Model):
     enabled: bool = False
-    resource_name: str = "rdma/ib"
+    resource_name: ExtendedResource = "rdma/ib"
     """Extended resource of the RDMA device plugin (e.g. `rdma/ib`, `nvidia.com/hostdev`)."""
-    count: int = Field(default=1, ge=1)
+    count: integer(1, 64) = 1
 
 
 class Pool(Model):
-    nodes: int = Field(default=1, ge=1)
+    nodes: integer(1) = 1
     """Pods (one per node) in this pool."""
-    gpus_per_node: int = Field(default=4, ge=0, le=16)
+    gpus_per_node: integer(1, 16) = 4
     """`nvidia.com/gpu` limit of each pod; Ray's `num-gpus` follows it."""
     cpu: Quantity = "32"
-    memory: Quantity = "256Gi"
-    shm_size: Quantity = "64Gi"
+    memory: Bytes = "256Gi"
+    shm_size: Bytes = "64Gi"
     """Size limit of the `/dev/shm` emptyDir (Memory); NCCL breaks on the 64 MiB container default."""
-    gpu_product: str | None = "NVIDIA-H100-80GB-HBM3"
+    ephemeral_storage: Bytes | None = None
+    """`ephemeral-storage` request of each pod; null: none."""
+    gpu_product: NonEmptyLabelValue | None = "NVIDIA-H100-80GB-HBM3"
     """Value of the `nvidia.com/gpu.product` node label to select; null selects any GPU node."""
-    node_selector: dict[str, str] = {}
+    node_selector: Labels = {}
     tolerations: list[Toleration] = []
-    labels: dict[str, str] = {}
-    annotations: dict[str, str] = {}
+    affinity: Affinity | None = None
+    labels: Labels = {}
+    annotations: Annotations = {}
     rdma: Rdma = Rdma()
 
     @property
@@ -145,43 +182,36 @@ class Pools(Model):
     inference: Pool = Pool()
 
 
-class SecretRef(Model):
-    name: str
-    key: str = "token"
-
-
 class ModelSpec(Model):
-    name: str = "Qwen/Qwen2.5-7B-Instruct"
+    name: ModelName = "Qwen/Qwen2.5-7B-Instruct"
     """Hugging Face repo id or a path inside the image/volume."""
-    revision: str | None = None
+    revision: Revision | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
-    max_model_len: int | None = Field(default=4096, ge=16)
+    max_model_len: integer(16) | None = 4096
     hf_token_secret: SecretRef | None = None
     """Existing Secret holding the Hugging Face token; injected only through `secretKeyRef`."""
 
 
 class Vllm(Model):
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: integer(1, 16) = 1
+    gpu_memory_utilization: GpuMemoryUtilization = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
-    seed: int = 0
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    extra_engine_args: dict[str, Any] = {}
-    """Passed to vLLM's engine args as-is (snake_case keys)."""
+    seed: integer(0) = 0
+    max_num_seqs: integer(1) | None = None
+    extra_engine_args: dict[EngineArgKey, Any] = {}
+    """Passed to vLLM's engine args as-is (snake_case keys vLLM's EngineArgs has, none rollfleet sets)."""
 
 
 class Sync(Model):
-    backend: Literal["nccl", "gloo"] = "nccl"
-    """`nccl` for the vLLM engine on GPUs; `gloo` for the CPU stand-in engine."""
-    bucket_mib: int = Field(default=1024, ge=1, le=16384, alias="bucketMiB")
+    """The weight-sync group; its backend follows from `engine` (FleetSpec.sync_backend)."""
+
+    bucket_mib: integer(1, 16384) = Field(default=1024, alias="bucketMiB")
     """Size of each of the two packing buffers; 0.5–4 GiB is where published numbers sit."""
-    timeout_seconds: int = Field(default=600, ge=1)
+    timeout_seconds: integer(1) = 600
     """Rendezvous and per-push collective timeout; a dead engine surfaces as an error within it."""
     verify_checksums: bool = True
     """Compare a per-tensor checksum on trainer and every engine after each push."""
-    port: int | None = Field(default=None, ge=1024, le=65535)
-    """Rendezvous port on the trainer; null picks a free one."""
     inflight: Literal["wait", "abort", "keep"] = "wait"
     """Requests in flight when a push arrives: `wait` stops admitting and drains them (open-instruct's
     default), `abort` aborts and resubmits them on the new weights, `keep` freezes them across the
@@ -189,38 +219,41 @@ class Sync(Model):
 
 
 class Rollout(Model):
-    max_staleness: int = Field(default=1, ge=0)
+    max_staleness: integer(0, 64) = 1
     """Versions a sample may be older than the policy it trains: 1 (open-instruct's default) lets
     step k+1 generate while step k trains; 0 is strictly on-policy."""
-    queue_size: int = Field(default=4096, ge=1)
+    queue_size: integer(1) = 4096
     """Samples one rollout client may have outstanding (submitted, not yet taken); submit blocks
     beyond it, so a slow trainer slows submission instead of growing memory."""
 
 
 class Timeouts(Model):
-    init_seconds: int = Field(default=1200, ge=1)
+    init_seconds: integer(1) = 1200
     """Engine start (placement + model load + profile)."""
-    health_seconds: int = Field(default=600, ge=1)
+    health_seconds: integer(1) = 600
 
 
-REMOTE_ZIP = r"(s3|gs|https?)://[^\s]+\.zip"
-IN_IMAGE = r"/[^\s]*"
+_REMOTE = r"(s3|gs|https?)://\S+"
+CodeLocation = text(rf"{_REMOTE}\.zip|/\S*", "not a code location; give a .zip at s3://, gs:// or https://, or "
+                    "an absolute directory inside the image (a local path on your machine is not on the cluster)")
+ModuleLocation = text(rf"{_REMOTE}\.(zip|whl)|/\S*", "not a module location; give a .zip or .whl at s3://, gs:// "
+                      "or https://, or an absolute directory inside the image")
+PipRequirement = text(r"[A-Za-z0-9][^\s;]*( *;[^\n\r]*)?", "not a pip requirement; write e.g. 'math-verify==0.7.0'")
 
 
 class RuntimeEnv(Model):
     """Ray's runtime env of the job (driver, trainer ranks, engines): how trainer code reaches the
     cluster without a derived image. Rendered as the RayJob's `runtimeEnvYAML`."""
 
-    working_dir: str | None = Field(default=None, pattern=f"^({REMOTE_ZIP}|{IN_IMAGE})$")
+    working_dir: CodeLocation | None = None
     """Your trainer's code: a .zip at s3://, gs:// or https://, or a directory inside the image; it
     becomes every process's working directory and import path (`job.entrypoint: my_trainer:main`)."""
-    py_modules: list[Annotated[str, Field(pattern=f"^({REMOTE_ZIP}|(s3|gs|https?)://[^\\s]+\\.whl|{IN_IMAGE})$")]] = []
+    py_modules: list[ModuleLocation] = []
     """More packages to import: .zip or .whl URIs, or directories inside the image."""
-    pip: list[Annotated[str, Field(pattern=r"^[^\s][^\n\r]*$")]] = []
+    pip: list[PipRequirement] = []
     """pip requirements installed for the job (e.g. `math-verify==0.7.0`); pin them."""
-    env_vars: dict[Annotated[str, Field(pattern=ENV_NAME.pattern)], str] = Field(
-        default={}, json_schema_extra={"propertyNames": {"pattern": ENV_NAME.pattern}})
-    """Environment variables of the job's processes (no secret values: use env from Secrets)."""
+    env_vars: mapping(EnvName, AnyText) = {}
+    """Environment variables of the job's processes (no secret values: those go through secretEnv)."""
 
     def ray(self) -> dict[str, Any]:
         """The runtime env as Ray reads it (snake_case keys, empty ones left out)."""
@@ -230,25 +263,72 @@ class RuntimeEnv(Model):
 class Job(Model):
     enabled: bool = True
     """true: a RayJob that creates its own RayCluster; false: a standalone RayCluster."""
-    entrypoint: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    entrypoint: Entrypoint | None = None
     """`module:function` of your trainer, called as `function(ctx)` on every trainer rank
     (rollfleet.runtime.trainer_group.TrainerContext); null runs the built-in GRPO trainer."""
     runtime_env: RuntimeEnv = RuntimeEnv()
-    steps: int = Field(default=3, ge=1)
-    """Steps of the built-in GRPO-shaped smoke trainer."""
-    submission_mode: Literal["K8sJobMode", "HTTPMode", "SidecarMode"] = "K8sJobMode"
-    active_deadline_seconds: int | None = Field(default=None, ge=1)
-    ttl_seconds_after_finished: int = Field(default=3600, ge=0)
+    steps: integer(1) = 3
+    """Steps of the built-in GRPO trainer."""
+    submission_mode: SubmissionMode = "K8sJobMode"
+    active_deadline_seconds: integer(1) | None = None
+    ttl_seconds_after_finished: integer(0) = 3600
     shutdown_after_job_finishes: bool = True
 
 
+class RayAuth(Model):
+    mode: Literal["auto", "token", "disabled"] = "auto"
+    """`token`: KubeRay's Ray token authentication; `auto`: token where rayVersion supports it (≥ 2.52.0)."""
+    secret_name: ObjectName | None = None
+    """Existing Secret with key `auth_token`; null: KubeRay generates one per cluster."""
+
+
+class GangScheduling(Model):
+    scheduler: Literal["kueue", "volcano", "yunikorn"] | None = None
+    """Admit the whole fleet at once: Kueue (queue label), or KubeRay's Volcano / YuniKorn integration."""
+    queue: QueueName | None = None
+    """Kueue LocalQueue (required for kueue), Volcano queue or YuniKorn queue (e.g. root.rl)."""
+
+
+class PodSecurity(Model):
+    run_as_user: integer(1) = 1000
+    """UID of every container (the image's `ray` user); runAsNonRoot is always set."""
+    run_as_group: integer(0) = 100
+    fs_group: integer(0) | None = 100
+    """Group owning mounted volumes (so PVCs are writable); null: leave them as they are."""
+    seccomp_profile: Literal["RuntimeDefault", "Unconfined"] = "RuntimeDefault"
+    """RuntimeDefault passes Pod Security "restricted"; Unconfined only where CUDA IPC needs it."""
+
+
+Port = Literal["dashboard", "client", "gcs", "metrics"]
+PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}
+
+
+class Ingress(Model):
+    namespace: Namespace
+    """Pods of this namespace may reach the fleet on `ports`."""
+    ports: list[Port] = Field(min_length=1)
+    """dashboard (8265: the job API, which runs code), client (10001), gcs (6379), metrics (8080)."""
+
+
+class NetworkPolicy(Model):
+    enabled: bool = True
+    """Render a NetworkPolicy: the fleet's pods reach each other on any port; from elsewhere only `ingress`."""
+    operator_namespace: Namespace | None = None
+    """Namespace of the KubeRay operator, which reads job status from the dashboard (8265); null: the
+    operator's pods in any namespace."""
+    ingress: list[Ingress] = []
+
+
 class FleetSpec(Model):
-    name: str = "rollfleet"
-    namespace: str = "default"
+    name: FleetName = "rollfleet"
+    namespace: Namespace = "default"
+    global_: dict[str, Any] = Field(default={}, alias="global")
+    """Helm's values shared with subcharts; accepted so the chart can be a subchart, never rendered."""
     engine: Literal["vllm", "cpu-standin"] = "vllm"
     """`vllm`: real vLLM engines on GPUs. `cpu-standin`: HF transformers on CPU, a labelled stand-in."""
     image: Image = Image()
-    ray_version: str = RAY_VERSION
+    ray_version: RayVersion = RAY_VERSION
+    ray_auth: RayAuth = RayAuth()
     head: Head = Head()
     pools: Pools = Pools()
     model: ModelSpec = ModelSpec()
@@ -257,9 +337,19 @@ class FleetSpec(Model):
     rollout: Rollout = Rollout()
     timeouts: Timeouts = Timeouts()
     job: Job = Job()
-    nccl_env: dict[str, str] = dict(DEFAULT_NCCL_ENV)
+    gang_scheduling: GangScheduling = GangScheduling()
+    priority_class_name: ObjectName | None = None
+    """PriorityClass of every pod."""
+    service_account_name: ObjectName | None = None
+    """ServiceAccount of every pod; null: the namespace's default, with no API token mounted."""
+    pod_security: PodSecurity = PodSecurity()
+    volumes: list[Volume] = []
+    network_policy: NetworkPolicy = NetworkPolicy()
+    nccl_env: NcclEnv = dict(DEFAULT_NCCL_ENV)
     """NCCL_* variables set identically on both pools (mismatches break the sync group)."""
-    env: dict[str, str] = dict(DEFAULT_ENV)
+    env: mapping(EnvName, AnyText) = dict(DEFAULT_ENV)
+    secret_env: dict[SecretEnvName, SecretRef] = {}
+    """Variables read from existing Secrets (W&B keys and the like), on every Ray container."""
 
     @property
     def engines(self) -> int:
@@ -270,74 +360,73 @@ class FleetSpec(Model):
     def world_size(self) -> int:
         return 1 + self.engines * self.vllm.tensor_parallel_size
 
+    @property
+    def sync_backend(self) -> Literal["nccl", "gloo"]:
+        """The weight-sync transport, from the engine: nccl for vLLM on GPUs, gloo for the CPU stand-in."""
+        return "nccl" if self.engine == "vllm" else "gloo"
+
+    @property
+    def ray_auth_token(self) -> bool:
+        """Whether the cluster uses KubeRay's Ray token authentication."""
+        supported = ray_version_tuple(self.ray_version) >= RAY_AUTH_SINCE
+        return self.ray_auth.mode == "token" or (self.ray_auth.mode == "auto" and supported)
+
     @model_validator(mode="after")
-    def _cross_field_rules(self) -> FleetSpec:
-        problems = cross_field_problems(self)
+    def _cross_field_rules(self, info: ValidationInfo) -> FleetSpec:
+        problems = cross_field_problems(self) if not (info.context or {}).get("fields_only") else []
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
 
 def cross_field_problems(s: FleetSpec) -> list[str]:
-    """Rules JSON Schema cannot express. Each line: `path: what is wrong; the fix`."""
+    """Rules JSON Schema cannot express (several fields, sums, quantity comparisons), twinned in the chart's
+    templates/_validate.tpl. Each line: `path: what is wrong; the fix`."""
     p: list[str] = []
     tp = s.vllm.tensor_parallel_size
     inf = s.pools.inference
-    if not DNS1035_LABEL.match(s.name) or len(s.name) > 40:
-        p.append(f"name: {s.name!r} is not a DNS-1035 label; start with a lowercase letter, then use lowercase "
-                 f"letters, digits and '-', at most 40 characters (KubeRay appends suffixes)")
-    if not DNS1123_LABEL.match(s.namespace) or len(s.namespace) > 63:
-        p.append(f"namespace: {s.namespace!r} is not a DNS-1123 label; use lowercase letters, digits and '-',"
-                 f" at most 63 characters")
     for pool_name in ("trainer", "inference"):
         pool = getattr(s.pools, pool_name)
-        if pool.gpus_per_node < 1:
-            p.append(f"pools.{pool_name}.gpusPerNode: the {pool_name} pool has no GPUs; set it to 1 or more")
-        if parse_quantity(pool.memory) < parse_quantity(pool.shm_size):
+        if parse_quantity(pool.shm_size) < parse_quantity(MIN_SHM):
+            p.append(f"pools.{pool_name}.shmSize: {pool.shm_size} is below {MIN_SHM}; NCCL and vLLM need a "
+                     f"large /dev/shm, set {MIN_SHM} or more")
+        elif parse_quantity(pool.memory) < parse_quantity(pool.shm_size):
             p.append(f"pools.{pool_name}.shmSize: {pool.shm_size} exceeds pools.{pool_name}.memory "
                      f"{pool.memory}; /dev/shm counts against pod memory, lower shmSize or raise memory")
-    if inf.gpus_per_node >= 1:
-        if tp > inf.gpus_per_node:
-            p.append(f"vllm.tensorParallelSize: {tp} > pools.inference.gpusPerNode {inf.gpus_per_node}; an "
-                     f"engine never spans nodes, lower tensorParallelSize or raise gpusPerNode")
-        elif inf.gpus_per_node % tp:
-            p.append(f"vllm.tensorParallelSize: {tp} does not divide pools.inference.gpusPerNode "
-                     f"{inf.gpus_per_node}; choose a divisor so engines fill each node")
-    if not 0 < s.vllm.gpu_memory_utilization <= 1:
-        p.append(f"vllm.gpuMemoryUtilization: {s.vllm.gpu_memory_utilization} is outside (0, 1]; "
-                 f"use e.g. 0.9 (lower to 0.8 or 0.7 on CUDA out of memory)")
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in pool.annotations.items())
+        if size > MAX_ANNOTATIONS_BYTES:
+            p.append(f"pools.{pool_name}.annotations: {size} bytes in all, over Kubernetes' 262144 (256 KiB); "
+                     f"move large data into a ConfigMap")
+    if tp > inf.gpus_per_node:
+        p.append(f"vllm.tensorParallelSize: {tp} > pools.inference.gpusPerNode {inf.gpus_per_node}; an "
+                 f"engine never spans nodes, lower tensorParallelSize or raise gpusPerNode")
+    elif inf.gpus_per_node % tp:
+        p.append(f"vllm.tensorParallelSize: {tp} does not divide pools.inference.gpusPerNode "
+                 f"{inf.gpus_per_node}; choose a divisor so engines fill each node")
     if s.vllm.enable_prefix_caching and s.env.get("VLLM_USE_V1") == "0":
         p.append("vllm.enablePrefixCaching: prefix caching needs the V1 engine but env.VLLM_USE_V1 is '0'; "
                  "set env.VLLM_USE_V1: '1' or enablePrefixCaching: false")
-    want = "nccl" if s.engine == "vllm" else "gloo"
-    if s.sync.backend != want:
-        p.append(f"sync.backend: engine {s.engine!r} syncs over {want}; set sync.backend: {want}")
     if s.engine == "cpu-standin" and tp != 1:
-        p.append(f"vllm.tensorParallelSize: the cpu-standin engine has no tensor parallelism; set it to 1")
-    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", s.ray_version)
-    if not m:
-        p.append(f"rayVersion: {s.ray_version!r} is not MAJOR.MINOR.PATCH; use the image's Ray, {RAY_VERSION}")
-    elif BAD_RAY[0] <= (int(m[1]), int(m[2])) <= BAD_RAY[1]:
-        p.append(f"rayVersion: {s.ray_version} is in 2.11–2.37, whose probes hang under KubeRay; "
-                 f"use {RAY_VERSION} (the image's Ray)")
+        p.append("vllm.tensorParallelSize: the cpu-standin engine has no tensor parallelism; set it to 1")
+    if s.ray_auth.mode == "token" and ray_version_tuple(s.ray_version) < RAY_AUTH_SINCE:
+        p.append(f"rayAuth.mode: token needs Ray 2.52.0 or later (rayVersion is {s.ray_version}); "
+                 f"use rayAuth.mode: auto or disabled, or a newer Ray")
     if s.job.runtime_env.ray() and not s.job.enabled:
         p.append("job.runtimeEnv: only a RayJob carries a runtime env and job.enabled is false (a standing "
                  "RayCluster); set job.enabled: true, or pass --runtime-env-json when you submit your own job")
-    if s.job.submission_mode == "SidecarMode":
-        p.append("job.submissionMode: SidecarMode is known to hang in Initializing (kuberay#4945); "
-                 "use K8sJobMode or HTTPMode")
-    for field, env in (("ncclEnv", s.nccl_env), ("env", s.env)):
-        for k in env:
-            if not ENV_NAME.match(k):
-                p.append(f"{field}.{k}: not a valid environment variable name; use letters, digits and '_'")
-    for k in s.nccl_env:
-        if not k.startswith("NCCL_"):
-            p.append(f"ncclEnv.{k}: only NCCL_* variables belong here; move it to env")
-    for k in s.env:
-        if k.startswith("NCCL_"):
-            p.append(f"env.{k}: NCCL variables go in ncclEnv so both pools get the same value; move it there")
-        if k == "HF_TOKEN":
-            p.append("env.HF_TOKEN: a secret value in values; put it in a Secret and set model.hfTokenSecret")
+    gang = s.gang_scheduling
+    if gang.scheduler == "kueue" and not gang.queue:
+        p.append("gangScheduling.queue: Kueue admits a job through a LocalQueue; name it here")
+    if gang.queue and not gang.scheduler:
+        p.append("gangScheduling.queue: a queue without a scheduler does nothing; set gangScheduling.scheduler")
+    for name in sorted(s.secret_env.keys() & s.env.keys()):
+        p.append(f"secretEnv.{name}: also set in env; keep one of them")
+    for field, seen in (("name", {}), ("mountPath", {})):
+        for i, volume in enumerate(s.volumes):
+            value = volume.name if field == "name" else volume.mount_path.removesuffix("/")
+            if value in seen:
+                p.append(f"volumes[{i}].{field}: {value} is also volumes[{seen[value]}]'s; make it unique")
+            seen.setdefault(value, i)
     return p
 
 
@@ -372,10 +461,28 @@ def _closest_key(loc: tuple) -> str | None:
     return close[0] if close else None
 
 
+# Keys that were values keys once: what to do instead.
+REMOVED = {
+    ("sync", "backend"): "no longer a key: the backend follows from engine (nccl for vllm, gloo for cpu-standin); "
+                         "remove it",
+    ("sync", "port"): "no longer a key: the trainer takes a port the kernel picks; remove it",
+}
+TYPE_FIXES = {
+    "string_type": "write it in quotes so YAML keeps it a string",
+    "int_type": "write a whole number without quotes",
+    "bool_type": "write true or false without quotes",
+    "float_type": "write a number without quotes",
+}
+
+
 def _format(err: dict) -> str:
     loc = tuple(err["loc"])
+    is_key = bool(loc) and loc[-1] == "[key]"
+    loc = loc[:-1] if is_key else loc
     path = _path(loc) or "(root)"
     if err["type"] == "extra_forbidden":
+        if loc in REMOVED:
+            return f"{path}: {REMOVED[loc]}"
         close = _closest_key(loc)
         hint = f"did you mean {'.'.join([*path.split('.')[:-1], close])!r}?" if close else \
             f"known keys here: {', '.join(_known_keys(loc))}"
@@ -383,24 +490,74 @@ def _format(err: dict) -> str:
     if err["type"] == "value_error" and not loc:
         return err["msg"].removeprefix("Value error, ")
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{path}: {msg} (got {err.get('input')!r})"
+    if err["type"] in TYPE_FIXES:
+        msg = f"{msg}; {TYPE_FIXES[err['type']]}"
+    got = err.get("input")
+    return f"{path}: {msg}" if is_key else f"{path}: {msg} (got {_short(got)})"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"… ({len(text)} characters)"
+
+
+def _drop(values: Any, loc: tuple) -> None:
+    """Remove what `loc` points at from `values` (the whole list when it points into one)."""
+    node = values
+    parts = [part for part in loc if part != "[key]"]
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            return
+        if i == len(parts) - 1 or isinstance(node[part], list):
+            del node[part]
+            return
+        node = node[part]
+
+
+def _strict_errors(values: dict[str, Any]) -> list[dict]:
+    try:
+        FleetSpec.model_validate(values, by_alias=True, by_name=False, context={"fields_only": True})
+    except ValidationError as exc:
+        return exc.errors()
+    return []
+
+
+def _cross_field_despite(values: dict[str, Any], errors: list[dict]) -> list[str]:
+    """Cross-field problems of the rest of the file, so one run reports every problem: the fields in error
+    are left out (the defaults stand in) and problems that name one of them are dropped."""
+    rest, bad = copy.deepcopy(values), set()
+    for _ in range(5):
+        if not errors:
+            break
+        for err in errors:
+            bad.add(_path(tuple(part for part in err["loc"] if part != "[key]")))
+            _drop(rest, tuple(err["loc"]))
+        errors = _strict_errors(rest)
+    if errors:
+        return []
+    names = re.compile("|".join(re.escape(b) for b in sorted(bad, key=len, reverse=True) if b))
+    spec = FleetSpec.model_validate(rest, by_alias=True, by_name=False, context={"fields_only": True})
+    return [line for line in cross_field_problems(spec) if not (bad and names.search(line))]
 
 
 def load_spec(values: dict[str, Any] | None) -> FleetSpec:
     """Validate plain values (from YAML/JSON) into a FleetSpec, or raise SpecError with one line per problem."""
+    values = values or {}
     try:
         # values files use the camelCase keys only (as Helm's schema does); Python code may use names
-        return FleetSpec.model_validate(values or {}, by_alias=True, by_name=False)
+        return FleetSpec.model_validate(values, by_alias=True, by_name=False)
     except ValidationError as exc:
         errors = exc.errors()
-        # a misspelt required key is one problem: keep "unknown key; did you mean", drop "Field required"
-        meant = {(*e["loc"][:-1], _closest_key(tuple(e["loc"]))) for e in errors if e["type"] == "extra_forbidden"}
-        lines: list[str] = []
-        for err in errors:
-            if err["type"] == "missing" and tuple(err["loc"]) in meant:
-                continue
-            lines.extend(_format(err).splitlines())
-        raise SpecError(lines) from None
+    # a misspelt required key is one problem: keep "unknown key; did you mean", drop "Field required"
+    meant = {(*e["loc"][:-1], _closest_key(tuple(e["loc"]))) for e in errors if e["type"] == "extra_forbidden"}
+    lines: list[str] = []
+    for err in errors:
+        if err["type"] == "missing" and tuple(err["loc"]) in meant:
+            continue
+        lines.extend(_format(err).splitlines())
+    if not all(e["type"] == "value_error" and not e["loc"] for e in errors):  # field errors: cross-field too
+        lines.extend(_cross_field_despite(values, errors))
+    raise SpecError(lines)
 
 
 def json_schema() -> dict[str, Any]:
@@ -413,4 +570,4 @@ def json_schema() -> dict[str, Any]:
 
 def runtime_config(spec: FleetSpec) -> dict[str, Any]:
     """The JSON the launcher reads from the ConfigMap (parsed back by `load_spec`)."""
-    return spec.model_dump(mode="json", by_alias=True)
+    return spec.model_dump(mode="json", by_alias=True, exclude={"global_"})

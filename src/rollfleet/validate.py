@@ -1,13 +1,17 @@
 """Offline validation of rendered objects: KubeRay CRD schemas made strict, built-ins via kubernetes-validate.
 
 The KubeRay v1.7.0 CRDs are not copied into this repo: CI reads ../shared/kuberay-v1.7.0/crds,
-elsewhere `make crds` downloads them into .cache/ (ROLLFLEET_CRDS_DIR points at either).
+elsewhere `make crds` downloads them into .cache/ (ROLLFLEET_CRDS_DIR or --crds points at either).
+Parsing the 2.3 MB of CRD YAML is what made `validate` slow: the C loader reads a CRD once, and its
+strict v1 schema is kept as JSON under ~/.cache/rollfleet/ (keyed by the file's sha256) for later runs.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,9 +19,11 @@ from typing import Any
 import jsonschema
 import yaml
 
-KUBERAY_VERSION = "v1.7.0"
+from rollfleet.spec import KUBERAY_VERSION  # re-exported: the CRDs this validates against
+
 KUBERNETES_VERSION = "1.33.0"  # the built-in schema version objects are checked against
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+CRD_URL = "https://raw.githubusercontent.com/ray-project/kuberay/{version}/ray-operator/config/crd/bases/{file}"
 
 
 class CrdsMissing(FileNotFoundError):
@@ -33,7 +39,13 @@ def crds_dir() -> Path:
         if c and all((Path(c) / f).is_file() for f in CRD_FILES.values()):
             return Path(c)
     raise CrdsMissing(f"KubeRay {KUBERAY_VERSION} CRDs not found (looked in {[str(c) for c in candidates if c]}); "
-                      f"run `make crds` or set ROLLFLEET_CRDS_DIR")
+                      f"in a checkout run `make crds`; elsewhere download them into a directory and pass "
+                      f"--crds DIR (or set ROLLFLEET_CRDS_DIR): {download_hint()}")
+
+
+def download_hint() -> str:
+    urls = " ".join(CRD_URL.format(version=KUBERAY_VERSION, file=f) for f in CRD_FILES.values())
+    return f"mkdir -p DIR && cd DIR && curl -fsSLO {urls.replace(' ', ' -O ')}"
 
 
 def make_strict(schema: Any) -> Any:
@@ -51,14 +63,42 @@ def make_strict(schema: Any) -> Any:
     return schema
 
 
-@functools.lru_cache(maxsize=None)
-def crd_validator(kind: str, directory: str) -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load((Path(directory) / CRD_FILES[kind]).read_text())
+def strict_schema(crd_text: bytes) -> dict[str, Any]:
+    """The CRD's v1 openAPIV3Schema, made strict (the C YAML loader: pure-Python parsing takes seconds)."""
+    crd = yaml.load(crd_text, Loader=yaml.CSafeLoader)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = make_strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
     # the API server fills metadata itself; its CRD schema is just `type: object`
     schema["properties"]["metadata"] = {"type": "object"}
-    return jsonschema.Draft7Validator(schema)
+    return schema
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rollfleet" / "crd-schemas"
+
+
+def cached_strict_schema(path: Path) -> dict[str, Any]:
+    """strict_schema(path), read from the JSON cache when this exact file was seen before."""
+    text = path.read_bytes()
+    cached = _cache_dir() / f"{path.stem}-{hashlib.sha256(text).hexdigest()[:16]}.json"
+    try:
+        return json.loads(cached.read_text())
+    except (OSError, ValueError):
+        pass
+    schema = strict_schema(text)
+    try:  # a cache that cannot be written only costs time
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(schema))
+        tmp.replace(cached)
+    except OSError:
+        pass
+    return schema
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(kind: str, directory: str) -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(cached_strict_schema(Path(directory) / CRD_FILES[kind]))
 
 
 def _where(error: jsonschema.ValidationError) -> str:

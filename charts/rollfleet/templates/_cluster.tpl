@@ -35,25 +35,66 @@ failureThreshold: {{ .failures | int64 }}
       name: {{ .name | quote }}
       key: {{ .key | quote }}
 {{- end }}
+{{- range $name := keys $s.secretEnv | sortAlpha }}
+{{- $ref := get $s.secretEnv $name }}
+- name: {{ $name | quote }}
+  valueFrom: {{ toJson (dict "secretKeyRef" (dict "name" $ref.name "key" $ref.key)) }}
+{{- end }}
 {{- end }}
 
-{{/* Tolerations as the model dumps them without nulls. */}}
+{{/* Tolerations as the model dumps them (only the keys given, operator defaulted). */}}
 {{- define "rollfleet.tolerations" -}}
-{{- range $given := . }}
-{{- $toleration := dict }}
-{{- range $k, $v := $given }}{{ if not (kindIs "invalid" $v) }}{{ $_ := set $toleration $k $v }}{{ end }}{{ end }}
+{{- range $toleration := . }}
 - {{ toJson $toleration }}
 {{- end }}
 {{- end }}
 
-{{/* Pod fields both groups share. */}}
+{{/* Pod fields every Ray pod shares. (dict "s" $s "where" $s.head or a pool) */}}
 {{- define "rollfleet.podCommon" -}}
-{{- with .s.image.pullSecrets }}
+{{- $s := .s }}
+{{- with $s.image.pullSecrets }}
 imagePullSecrets:
 {{- range $name := . }}
   - name: {{ $name | quote }}
 {{- end }}
 {{- end }}
+{{- if $s.serviceAccountName }}
+serviceAccountName: {{ $s.serviceAccountName | quote }}
+{{- else }}
+automountServiceAccountToken: false
+{{- end }}
+{{- with $s.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+securityContext: {{ include "rollfleet.podSecurity" $s }}
+{{- with .where.affinity }}
+affinity: {{ toJson . }}
+{{- end }}
+{{- end }}
+
+{{/* The user's volumes (and their mounts) for one group. (dict "s" $s "group" "head") */}}
+{{- define "rollfleet.volumes" -}}
+{{- range $v := .s.volumes }}{{ if or (not $v.groups) (has $.group $v.groups) }}
+- {{ toJson (dict "name" $v.name "persistentVolumeClaim" (dict "claimName" $v.claimName)) }}
+{{- end }}{{ end }}
+{{- end }}
+{{- define "rollfleet.mounts" -}}
+{{- range $v := .s.volumes }}{{ if or (not $v.groups) (has $.group $v.groups) }}
+{{- $mount := dict "name" $v.name "mountPath" $v.mountPath }}
+{{- if $v.readOnly }}{{ $_ := set $mount "readOnly" true }}{{ end }}
+{{- with $v.subPath }}{{ $_ := set $mount "subPath" . }}{{ end }}
+- {{ toJson $mount }}
+{{- end }}{{ end }}
+{{- end }}
+
+{{/* Requests and limits. (dict "cpu" .. "memory" .. "ephemeral" .. "extra" (dict name count)) */}}
+{{- define "rollfleet.resources" -}}
+{{- $requests := dict "cpu" (toString .cpu) "memory" (toString .memory) }}
+{{- with .ephemeral }}{{ $_ := set $requests "ephemeral-storage" (toString .) }}{{ end }}
+{{- $limits := dict "cpu" (toString .cpu) "memory" (toString .memory) }}
+{{- range $name, $count := .extra }}{{ $_ := set $limits $name (int64 $count) }}{{ end }}
+requests: {{ toJson $requests }}
+limits: {{ toJson $limits }}
 {{- end }}
 
 {{/* One worker group. (dict "ctx" $ "s" $s "group" "trainer") */}}
@@ -64,7 +105,7 @@ imagePullSecrets:
 {{- $selector := dict }}
 {{- with $pool.gpuProduct }}{{ $_ := set $selector "nvidia.com/gpu.product" . }}{{ end }}
 {{- $selector = merge (deepCopy $pool.nodeSelector) $selector }}
-- groupName: {{ $group }}
+- groupName: {{ $group | quote }}
   replicas: {{ $pool.nodes | int64 }}
   minReplicas: {{ $pool.nodes | int64 }}
   maxReplicas: {{ $pool.nodes | int64 }}
@@ -72,17 +113,16 @@ imagePullSecrets:
   rayStartParams: {}
   # Ray custom resource: actors pin to this pool with {"{{ $group }}": n}
   resources:
-    {{ $group }}: {{ $pool.gpusPerNode | int64 | toString | quote }}
+    {{ $group | quote }}: {{ $pool.gpusPerNode | int64 | toString | quote }}
   template:
     metadata:
       labels:
         {{- include "rollfleet.labels" (dict "ctx" .ctx "component" $group "extra" $pool.labels) | nindent 8 }}
       {{- with $pool.annotations }}
-      annotations:
-        {{- toYaml . | nindent 8 }}
+      annotations: {{ toJson . }}
       {{- end }}
     spec:
-      {{- with include "rollfleet.podCommon" . }}{{ . | trim | nindent 6 }}{{ end }}
+      {{- include "rollfleet.podCommon" (dict "s" $s "where" $pool) | trim | nindent 6 }}
       nodeSelector: {{ toJson $selector }}
       tolerations:
         - {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -90,23 +130,13 @@ imagePullSecrets:
       containers:
         - name: ray-worker
           image: {{ include "rollfleet.image" $s.image | quote }}
-          imagePullPolicy: {{ $s.image.pullPolicy }}
+          imagePullPolicy: {{ $s.image.pullPolicy | quote }}
+          securityContext: {{ include "rollfleet.containerSecurity" $pool.rdma.enabled }}
+          {{- $extra := dict "nvidia.com/gpu" $pool.gpusPerNode }}
+          {{- if $pool.rdma.enabled }}{{ $_ := set $extra $pool.rdma.resourceName $pool.rdma.count }}{{ end }}
           resources:
-            requests:
-              cpu: {{ $pool.cpu | quote }}
-              memory: {{ $pool.memory | quote }}
-            limits:
-              cpu: {{ $pool.cpu | quote }}
-              memory: {{ $pool.memory | quote }}
-              nvidia.com/gpu: {{ $pool.gpusPerNode | int64 }}
-              {{- if $pool.rdma.enabled }}
-              {{ $pool.rdma.resourceName }}: {{ $pool.rdma.count | int64 }}
-              {{- end }}
-          {{- if $pool.rdma.enabled }}
-          securityContext:
-            capabilities:
-              add: ["IPC_LOCK"]
-          {{- end }}
+            {{- include "rollfleet.resources" (dict "cpu" $pool.cpu "memory" $pool.memory
+                "ephemeral" $pool.ephemeralStorage "extra" $extra) | nindent 12 }}
           env:
             {{- include "rollfleet.env" . | trim | nindent 12 }}
           # The raylet is healthy within seconds; the engine's model load (timeouts.initSeconds) must
@@ -122,9 +152,11 @@ imagePullSecrets:
                 "failures" (include "rollfleet.failuresFor" $s.timeouts.healthSeconds)) | nindent 12 }}
           volumeMounts:
             - {"name": "dshm", "mountPath": "/dev/shm"}
+            {{- with include "rollfleet.mounts" (dict "s" $s "group" $group) }}{{ . | trim | nindent 12 }}{{ end }}
       volumes:
         - name: dshm
           emptyDir: {"medium": "Memory", "sizeLimit": {{ $pool.shmSize | quote }}}
+        {{- with include "rollfleet.volumes" (dict "s" $s "group" $group) }}{{ . | trim | nindent 8 }}{{ end }}
 {{- end }}
 
 {{/* The cluster spec: head + trainer and inference worker groups. (dict "ctx" $ "s" $s) */}}
@@ -133,6 +165,9 @@ imagePullSecrets:
 {{- $headHealth := printf "%s && %s" (include "rollfleet.rayletHealth" .) (include "rollfleet.gcsHealth" .) }}
 rayVersion: {{ $s.rayVersion | quote }}
 enableInTreeAutoscaling: false
+{{- if include "rollfleet.rayAuthToken" $s }}
+authOptions: {{ toJson (merge (dict "mode" "token") (ternary (dict "secretName" $s.rayAuth.secretName) (dict) (not (empty $s.rayAuth.secretName)))) }}
+{{- end }}
 headGroupSpec:
   serviceType: ClusterIP
   rayStartParams:
@@ -143,7 +178,7 @@ headGroupSpec:
       labels:
         {{- include "rollfleet.labels" (dict "ctx" .ctx "component" "head") | nindent 8 }}
     spec:
-      {{- with include "rollfleet.podCommon" . }}{{ . | trim | nindent 6 }}{{ end }}
+      {{- include "rollfleet.podCommon" (dict "s" $s "where" $s.head) | trim | nindent 6 }}
       {{- with $s.head.nodeSelector }}
       nodeSelector: {{ toJson . }}
       {{- end }}
@@ -154,14 +189,15 @@ headGroupSpec:
       containers:
         - name: ray-head
           image: {{ include "rollfleet.image" $s.image | quote }}
-          imagePullPolicy: {{ $s.image.pullPolicy }}
+          imagePullPolicy: {{ $s.image.pullPolicy | quote }}
+          securityContext: {{ include "rollfleet.containerSecurity" false }}
           ports:
             - {"name": "gcs", "containerPort": 6379}
             - {"name": "dashboard", "containerPort": 8265}
             - {"name": "client", "containerPort": 10001}
           resources:
-            requests: {"cpu": {{ $s.head.cpu | quote }}, "memory": {{ $s.head.memory | quote }}}
-            limits: {"cpu": {{ $s.head.cpu | quote }}, "memory": {{ $s.head.memory | quote }}}
+            {{- include "rollfleet.resources" (dict "cpu" $s.head.cpu "memory" $s.head.memory
+                "ephemeral" $s.head.ephemeralStorage "extra" (dict)) | nindent 12 }}
           env:
             # no GPU request: hide the node's GPUs from the head
             - {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}
@@ -173,10 +209,36 @@ headGroupSpec:
                 "failures" (include "rollfleet.failuresFor" $s.timeouts.healthSeconds)) | nindent 12 }}
           volumeMounts:
             - {"name": "fleet-config", "mountPath": {{ include "rollfleet.configDir" . | quote }}, "readOnly": true}
+            {{- with include "rollfleet.mounts" (dict "s" $s "group" "head") }}{{ . | trim | nindent 12 }}{{ end }}
       volumes:
         - name: fleet-config
           configMap: {"name": {{ include "rollfleet.configName" .ctx | quote }}}
+        {{- with include "rollfleet.volumes" (dict "s" $s "group" "head") }}{{ . | trim | nindent 8 }}{{ end }}
 workerGroupSpecs:
   {{- include "rollfleet.workerGroup" (dict "ctx" .ctx "s" $s "group" "trainer") | trim | nindent 2 }}
   {{- include "rollfleet.workerGroup" (dict "ctx" .ctx "s" $s "group" "inference") | trim | nindent 2 }}
+{{- end }}
+
+{{/* K8sJobMode's submitter pod template (the _cluster.j2 `submitter` macro). (dict "ctx" $ "s" $s) */}}
+{{- define "rollfleet.submitter" -}}
+{{- $s := .s }}
+metadata:
+  labels:
+    {{- include "rollfleet.labels" (dict "ctx" .ctx "component" "submitter") | nindent 4 }}
+spec:
+  restartPolicy: Never
+  {{- include "rollfleet.podCommon" (dict "s" $s "where" $s.head) | trim | nindent 2 }}
+  {{- with $s.head.nodeSelector }}
+  nodeSelector: {{ toJson . }}
+  {{- end }}
+  {{- with $s.head.tolerations }}
+  tolerations:
+    {{- include "rollfleet.tolerations" . | trim | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: ray-job-submitter
+      image: {{ include "rollfleet.image" $s.image | quote }}
+      imagePullPolicy: {{ $s.image.pullPolicy | quote }}
+      securityContext: {{ include "rollfleet.containerSecurity" false }}
+      resources: {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 {{- end }}

@@ -2,17 +2,23 @@
 The values as the spec model dumps them (rollfleet.spec.runtime_config): the ConfigMap's fleet.json,
 which the launcher parses with the same model, and what every template reads (`$s`, like the Jinja `s`).
 Helm deletes a key set to null and drops null defaults, so the model's nullable keys come back as null;
-tolerations and model.hfTokenSecret, which have no defaults in values.yaml, get the model's defaults;
-quantities become strings as the model's validator makes them. tests/test_chart.py derives these lists
-from FleetSpec and fails when a new field is missing here.
+list items and maps of references, which have no defaults in values.yaml, get the model's defaults
+(toleration operator Exists, Secret key `token`); Kubernetes fragments (tolerations, affinity, volumes)
+keep only the keys given, as the model dumps them; quantities become strings as the model's validator
+makes them; `global` (Helm's, for subcharts) is dropped. tests/test_chart.py derives these lists from
+FleetSpec and fails when a new field is missing here.
 Use: {{- $s := include "rollfleet.config" . | fromJson }}
 */}}
 {{- define "rollfleet.config" -}}
 {{- $c := deepCopy .Values }}
+{{- $_ := unset $c "global" }}
 {{- $nullable := list
-  "image.digest" "pools.trainer.gpuProduct" "pools.inference.gpuProduct" "model.revision"
-  "model.maxModelLen" "model.hfTokenSecret" "vllm.maxNumSeqs" "sync.port" "job.entrypoint"
-  "job.activeDeadlineSeconds" "job.runtimeEnv.workingDir" }}
+  "image.digest" "rayAuth.secretName" "head.ephemeralStorage" "head.affinity"
+  "pools.trainer.ephemeralStorage" "pools.trainer.gpuProduct" "pools.trainer.affinity"
+  "pools.inference.ephemeralStorage" "pools.inference.gpuProduct" "pools.inference.affinity"
+  "model.revision" "model.maxModelLen" "model.hfTokenSecret" "vllm.maxNumSeqs" "job.entrypoint"
+  "job.activeDeadlineSeconds" "gangScheduling.scheduler" "gangScheduling.queue" "priorityClassName"
+  "serviceAccountName" "podSecurity.fsGroup" "networkPolicy.operatorNamespace" "job.runtimeEnv.workingDir" }}
 {{- range $path := $nullable }}
   {{- $parts := splitList "." $path }}
   {{- $parent := $c }}
@@ -20,19 +26,17 @@ Use: {{- $s := include "rollfleet.config" . | fromJson }}
   {{- if not (hasKey $parent (last $parts)) }}{{ $_ := set $parent (last $parts) nil }}{{ end }}
 {{- end }}
 {{- range $holder := list $c.head $c.pools.trainer $c.pools.inference }}
-  {{- range $key := list "cpu" "memory" "shmSize" }}
-    {{- if hasKey $holder $key }}{{ $_ := set $holder $key (include "rollfleet.str" (get $holder $key)) }}{{ end }}
+  {{- range $key := list "cpu" "memory" "shmSize" "ephemeralStorage" }}
+    {{- if and (hasKey $holder $key) (not (kindIs "invalid" (get $holder $key))) }}{{ $_ := set $holder $key (include "rollfleet.str" (get $holder $key)) }}{{ end }}
   {{- end }}
   {{- $tolerations := list }}
   {{- range $given := $holder.tolerations }}
-    {{- $toleration := dict "key" nil "operator" "Exists" "value" nil "effect" nil }}
-    {{- range $k, $v := $given }}{{ $_ := set $toleration $k $v }}{{ end }}
-    {{- $tolerations = append $tolerations $toleration }}
+    {{- $tolerations = append $tolerations (merge (dict) $given (dict "operator" "Exists")) }}
   {{- end }}
   {{- $_ := set $holder "tolerations" $tolerations }}
 {{- end }}
-{{- with $c.model.hfTokenSecret }}
-  {{- if not (hasKey . "key") }}{{ $_ := set . "key" "token" }}{{ end }}
+{{- range $ref := prepend (values $c.secretEnv) $c.model.hfTokenSecret }}
+  {{- if and $ref (not (hasKey $ref "key")) }}{{ $_ := set $ref "key" "token" }}{{ end }}
 {{- end }}
 {{- toPrettyJson $c }}
 {{- end }}

@@ -105,3 +105,56 @@ YAML: the RayJob's runtimeEnvYAML (rollfleet.spec.RuntimeEnv.ray + render.go_jso
 {{- with .envVars }}{{ $_ := set $re "env_vars" . }}{{ end }}
 {{- if $re }}{{ toJson $re }}{{ end }}
 {{- end }}
+
+{{/* The labels that select every pod of this fleet (rollfleet.render.fleet_selector). */}}
+{{- define "rollfleet.fleetSelector" -}}
+{{- toJson (dict "app.kubernetes.io/name" "rollfleet" "app.kubernetes.io/instance" (include "rollfleet.name" .)) }}
+{{- end }}
+
+{{/* A namespaceSelector for one namespace, or every namespace for null (rollfleet.render.namespace_selector). */}}
+{{- define "rollfleet.namespaceSelector" -}}
+{{- if . }}{{ toJson (dict "matchLabels" (dict "kubernetes.io/metadata.name" .)) }}{{ else }}{}{{ end }}
+{{- end }}
+
+{{/* Gang-scheduling labels of the RayJob/RayCluster (rollfleet.render.gang_labels), as a dict in JSON. */}}
+{{- define "rollfleet.gangLabels" -}}
+{{- $gang := .gangScheduling }}
+{{- $out := dict }}
+{{- if eq (toString $gang.scheduler) "kueue" }}
+  {{- $_ := set $out "kueue.x-k8s.io/queue-name" $gang.queue }}
+{{- else if $gang.scheduler }}
+  {{- $_ := set $out "ray.io/scheduler-name" $gang.scheduler }}
+  {{- if eq $gang.scheduler "volcano" }}
+    {{- with $gang.queue }}{{ $_ := set $out "volcano.sh/queue-name" . }}{{ end }}
+    {{- with $.priorityClassName }}{{ $_ := set $out "ray.io/priority-class-name" . }}{{ end }}
+  {{- else }}
+    {{- $_ := set $out "ray.io/gang-scheduling-enabled" "true" }}
+    {{- $_ := set $out "yunikorn.apache.org/app-id" $.name }}
+    {{- with $gang.queue }}{{ $_ := set $out "yunikorn.apache.org/queue" . }}{{ end }}
+  {{- end }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/* The pod securityContext (rollfleet.render.pod_security). Call with $s. */}}
+{{- define "rollfleet.podSecurity" -}}
+{{- $sec := .podSecurity }}
+{{- $out := dict "runAsNonRoot" true "runAsUser" (int64 $sec.runAsUser) "runAsGroup" (int64 $sec.runAsGroup)
+  "seccompProfile" (dict "type" $sec.seccompProfile) }}
+{{- if not (kindIs "invalid" $sec.fsGroup) }}{{ $_ := set $out "fsGroup" (int64 $sec.fsGroup) }}{{ end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/* A container securityContext (rollfleet.render.container_security): IPC_LOCK only with RDMA (true). */}}
+{{- define "rollfleet.containerSecurity" -}}
+{{- $caps := dict "drop" (list "ALL") }}
+{{- if . }}{{ $_ := set $caps "add" (list "IPC_LOCK") }}{{ end }}
+{{- toJson (dict "allowPrivilegeEscalation" false "capabilities" $caps) }}
+{{- end }}
+
+{{/* "true" when the cluster uses KubeRay's Ray token auth (spec.FleetSpec.ray_auth_token), else "". */}}
+{{- define "rollfleet.rayAuthToken" -}}
+{{- $parts := splitList "." (toString .rayVersion) }}
+{{- $supported := or (gt (atoi (index $parts 0)) 2) (and (eq (atoi (index $parts 0)) 2) (ge (atoi (index $parts 1)) 52)) }}
+{{- if or (eq .rayAuth.mode "token") (and (eq .rayAuth.mode "auto") $supported) }}true{{ end }}
+{{- end }}

@@ -204,14 +204,14 @@ class WeightSender:
         host = ray.util.get_node_ip_address()  # the trainer pod's IP, never 0.0.0.0
         world = spec.world_size
         store, port = sync.open_store(host, world, self.timeout_s)
-        print(f"[rollfleet] sync group: {spec.sync.backend} world {world} on {host}:{port}; waiting up to "
+        print(f"[rollfleet] sync group: {spec.sync_backend} world {world} on {host}:{port}; waiting up to "
               f"{self.timeout_s} s (sync.timeoutSeconds) for {spec.engines} engine(s)", flush=True)
         joins = [e.join.remote(host, port, world) for e in fleet.engines]
         deadline = time.monotonic() + self.timeout_s
         sync.wait_joined(store, world, spec.vllm.tensor_parallel_size, self.timeout_s,
                          failed=lambda: first_failure(joins))
         self.transport = sync.with_deadline(
-            lambda: sync.make_transport(spec.sync.backend, store, 0, world, self.device, self.timeout_s),
+            lambda: sync.make_transport(spec.sync_backend, store, 0, world, self.device, self.timeout_s),
             max(deadline - time.monotonic(), 1), "sync group init on rank 0 (trainer)")
         self.ranks = gather(joins, deadline, "sync group join", f"sync.timeoutSeconds={self.timeout_s}")
         self.store = store  # keeps the rendezvous server alive for the group's lifetime

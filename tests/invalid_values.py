@@ -1,0 +1,155 @@
+"""Values that Kubernetes, KubeRay or vLLM would refuse, one or more per class of issue 15 (our own cases).
+
+Each: (id, values, the field path the CLI's single problem line starts with, a fragment of that line).
+tests/test_spec.py checks the CLI's line; tests/test_chart.py checks that Helm refuses each too.
+"""
+
+from __future__ import annotations
+
+BIG = 2**31  # one past int32
+
+INVALID = [
+    # strings with a trailing newline pass no pattern
+    ("newline-name", {"name": "fleet\n"}, "name", "DNS-1035"),
+    ("newline-namespace", {"namespace": "rl\n"}, "namespace", "DNS-1123"),
+    ("newline-digest", {"image": {"digest": "sha256:" + "ab" * 32 + "\n"}}, "image.digest", "sha256"),
+    ("newline-entrypoint", {"job": {"entrypoint": "pkg.train:main\n"}}, "job.entrypoint", "module:function"),
+    ("newline-ray-version", {"rayVersion": "2.52.1\n"}, "rayVersion", "MAJOR.MINOR.PATCH"),
+    ("newline-label-value", {"pools": {"trainer": {"labels": {"team": "rl\n"}}}}, "pools.trainer.labels.team",
+     "label value"),
+    # image references
+    ("repository-uppercase", {"image": {"repository": "GHCR.io/Org/Runtime"}}, "image.repository", "lowercase"),
+    ("repository-space", {"image": {"repository": "ghcr.io/org/run time"}}, "image.repository", "repository"),
+    ("repository-with-tag", {"image": {"repository": "ghcr.io/org/runtime:1.0"}}, "image.repository",
+     "without a tag"),
+    ("repository-empty", {"image": {"repository": ""}}, "image.repository", "repository"),
+    ("tag-slash", {"image": {"tag": "v1/latest"}}, "image.tag", "image tag"),
+    ("tag-leading-dot", {"image": {"tag": ".hidden"}}, "image.tag", "image tag"),
+    ("tag-too-long", {"image": {"tag": "a" * 129}}, "image.tag", "128"),
+    ("tag-number", {"image": {"tag": 1.1}}, "image.tag", "quotes"),
+    ("pull-secret-name", {"image": {"pullSecrets": ["Registry_Creds"]}}, "image.pullSecrets[0]", "DNS-1123"),
+    # label keys and values, tolerations
+    ("node-selector-key", {"pools": {"trainer": {"nodeSelector": {"bad key": "x"}}}},
+     "pools.trainer.nodeSelector.bad key", "label key"),
+    ("label-key-prefix", {"pools": {"inference": {"labels": {"Team.Example/x": "y"}}}},
+     "pools.inference.labels.Team.Example/x", "label key"),
+    ("label-name-64", {"head": {"nodeSelector": {"a" * 64: "x"}}}, "head.nodeSelector." + "a" * 64, "63"),
+    ("label-value-64", {"pools": {"trainer": {"labels": {"team": "x" * 64}}}}, "pools.trainer.labels.team", "63"),
+    ("annotation-key", {"pools": {"trainer": {"annotations": {"has space": "x"}}}},
+     "pools.trainer.annotations.has space", "label key"),
+    ("gpu-product-space", {"pools": {"inference": {"gpuProduct": "NVIDIA H100"}}}, "pools.inference.gpuProduct",
+     "label value"),
+    ("gpu-product-empty", {"pools": {"inference": {"gpuProduct": ""}}}, "pools.inference.gpuProduct",
+     "label value"),
+    ("toleration-exists-with-value", {"pools": {"trainer": {"tolerations": [{"key": "a", "value": "b"}]}}},
+     "pools.trainer.tolerations[0]", "operator Exists"),
+    ("toleration-equal-without-key", {"head": {"tolerations": [{"operator": "Equal", "value": "b"}]}},
+     "head.tolerations[0]", "needs a key"),
+    ("toleration-key-syntax", {"pools": {"inference": {"tolerations": [{"key": "bad key"}]}}},
+     "pools.inference.tolerations[0].key", "label key"),
+    ("toleration-value-syntax", {"pools": {"inference": {"tolerations": [
+        {"key": "a", "operator": "Equal", "value": "b c"}]}}}, "pools.inference.tolerations[0].value", "label value"),
+    # extended resources, Secret names and keys
+    ("rdma-no-domain", {"pools": {"trainer": {"rdma": {"resourceName": "ib"}}}}, "pools.trainer.rdma.resourceName",
+     "domain/name"),
+    ("rdma-gpu", {"pools": {"trainer": {"rdma": {"resourceName": "nvidia.com/gpu"}}}},
+     "pools.trainer.rdma.resourceName", "already sets"),
+    ("rdma-memory", {"pools": {"trainer": {"rdma": {"resourceName": "memory"}}}}, "pools.trainer.rdma.resourceName",
+     "domain/name"),
+    ("rdma-kubernetes-io", {"pools": {"trainer": {"rdma": {"resourceName": "kubernetes.io/foo"}}}},
+     "pools.trainer.rdma.resourceName", "already sets"),
+    ("rdma-newline", {"pools": {"trainer": {"rdma": {"enabled": True, "resourceName": "rdma/ib\nhostNetwork: true"}}}},
+     "pools.trainer.rdma.resourceName", "domain/name"),
+    ("secret-name", {"model": {"hfTokenSecret": {"name": "HF_Token"}}}, "model.hfTokenSecret.name", "DNS-1123"),
+    ("secret-key", {"model": {"hfTokenSecret": {"name": "hf", "key": "a/b"}}}, "model.hfTokenSecret.key",
+     "Secret key"),
+    # quantities that make no sense for the field
+    ("memory-milli", {"pools": {"trainer": {"memory": "500m"}}}, "pools.trainer.memory", "milli-bytes"),
+    ("shm-milli", {"pools": {"inference": {"shmSize": "64000m"}}}, "pools.inference.shmSize", "milli-bytes"),
+    ("shm-too-small", {"pools": {"inference": {"shmSize": "64Mi"}}}, "pools.inference.shmSize", "below 1Gi"),
+    ("ephemeral-milli", {"head": {"ephemeralStorage": "10m"}}, "head.ephemeralStorage", "milli-bytes"),
+    # integers beyond int32
+    ("nodes-int32", {"pools": {"trainer": {"nodes": BIG}}}, "pools.trainer.nodes", "2147483647"),
+    ("init-seconds-int32", {"timeouts": {"initSeconds": BIG * 10}}, "timeouts.initSeconds", "2147483647"),
+    ("ttl-int32", {"job": {"ttlSecondsAfterFinished": BIG}}, "job.ttlSecondsAfterFinished", "2147483647"),
+    ("deadline-int32", {"job": {"activeDeadlineSeconds": BIG}}, "job.activeDeadlineSeconds", "2147483647"),
+    ("health-seconds-int32", {"timeouts": {"healthSeconds": BIG}}, "timeouts.healthSeconds", "2147483647"),
+    # vllm.extraEngineArgs
+    ("engine-arg-owned", {"vllm": {"extraEngineArgs": {"tensor_parallel_size": 2}}},
+     "vllm.extraEngineArgs.tensor_parallel_size", "vllm.tensorParallelSize"),
+    ("engine-arg-model", {"vllm": {"extraEngineArgs": {"model": "other"}}}, "vllm.extraEngineArgs.model",
+     "model.name"),
+    ("engine-arg-camel", {"vllm": {"extraEngineArgs": {"kvCacheDtype": "fp8"}}}, "vllm.extraEngineArgs.kvCacheDtype",
+     "kv_cache_dtype"),
+    ("engine-arg-cli", {"vllm": {"extraEngineArgs": {"--kv-cache-dtype": "fp8"}}},
+     "vllm.extraEngineArgs.--kv-cache-dtype", "kv_cache_dtype"),
+    ("engine-arg-unknown", {"vllm": {"extraEngineArgs": {"kv_cache_dtyp": "fp8"}}},
+     "vllm.extraEngineArgs.kv_cache_dtyp", "did you mean kv_cache_dtype"),
+    # env that breaks Ray or leaks secrets
+    ("env-cuda-visible", {"env": {"CUDA_VISIBLE_DEVICES": "0"}}, "env.CUDA_VISIBLE_DEVICES", "visible devices"),
+    ("env-nvidia-visible", {"env": {"NVIDIA_VISIBLE_DEVICES": "all"}}, "env.NVIDIA_VISIBLE_DEVICES", "visible"),
+    ("env-hf-token", {"env": {"HF_TOKEN": "hf_x"}}, "env.HF_TOKEN", "model.hfTokenSecret"),
+    ("env-hub-token", {"env": {"HUGGING_FACE_HUB_TOKEN": "hf_x"}}, "env.HUGGING_FACE_HUB_TOKEN", "hfTokenSecret"),
+    ("env-api-key", {"env": {"WANDB_API_KEY": "k"}}, "env.WANDB_API_KEY", "secretEnv"),
+    ("env-password", {"env": {"DB_PASSWORD_FILE": "/x"}}, "env.DB_PASSWORD_FILE", "secretEnv"),
+    ("env-secret-lowercase", {"env": {"my_secret": "x"}}, "env.my_secret", "credential"),
+    ("env-nccl", {"env": {"NCCL_IB_HCA": "mlx5"}}, "env.NCCL_IB_HCA", "ncclEnv"),
+    ("env-name", {"env": {"1BAD": "x"}}, "env.1BAD", "environment variable name"),
+    ("secret-env-devices", {"secretEnv": {"CUDA_VISIBLE_DEVICES": {"name": "s"}}}, "secretEnv.CUDA_VISIBLE_DEVICES",
+     "visible devices"),
+    # an NCCL env that cannot match vLLM's
+    ("nccl-cumem-one", {"ncclEnv": {"NCCL_CUMEM_ENABLE": "1"}}, "ncclEnv", "NCCL_CUMEM_ENABLE must be '0'"),
+    ("nccl-cumem-removed", {"ncclEnv": {"NCCL_CUMEM_ENABLE": None}}, "ncclEnv", "NCCL_CUMEM_ENABLE must be '0'"),
+    ("nccl-not-nccl", {"ncclEnv": {"GLOO_SOCKET_IFNAME": "eth0"}}, "ncclEnv.GLOO_SOCKET_IFNAME", "only NCCL_*"),
+    # booleans or strings where integers belong (and the other way round)
+    ("nodes-string", {"pools": {"trainer": {"nodes": "2"}}}, "pools.trainer.nodes", "whole number"),
+    ("nodes-bool", {"pools": {"trainer": {"nodes": True}}}, "pools.trainer.nodes", "whole number"),
+    ("gpus-string", {"pools": {"inference": {"gpusPerNode": "8"}}}, "pools.inference.gpusPerNode", "whole number"),
+    ("bucket-float", {"sync": {"bucketMiB": 512.5}}, "sync.bucketMiB", "whole number"),
+    ("enabled-string", {"job": {"enabled": "yes"}}, "job.enabled", "true or false"),
+    ("checksums-int", {"sync": {"verifyChecksums": 1}}, "sync.verifyChecksums", "true or false"),
+    ("utilization-string", {"vllm": {"gpuMemoryUtilization": "0.9"}}, "vllm.gpuMemoryUtilization", "number"),
+    # annotations beyond Kubernetes' size limit
+    ("annotations-256k", {"pools": {"trainer": {"annotations": {"big": "x" * (256 * 1024)}}}},
+     "pools.trainer.annotations", "262144"),
+    # one-field rules that used to be cross-field code
+    ("tp-zero-type", {"vllm": {"tensorParallelSize": 0}}, "vllm.tensorParallelSize", "greater than or equal to 1"),
+    ("gpus-zero", {"pools": {"trainer": {"gpusPerNode": 0}}}, "pools.trainer.gpusPerNode", "greater than or equal"),
+    ("utilization-zero", {"vllm": {"gpuMemoryUtilization": 0}}, "vllm.gpuMemoryUtilization", "outside (0, 1]"),
+    ("ray-hanging-range", {"rayVersion": "2.24.0"}, "rayVersion", "2.11–2.37"),
+    ("sidecar-mode-type", {"job": {"submissionMode": "SidecarMode"}}, "job.submissionMode", "kuberay#4945"),
+    ("sync-backend-removed", {"sync": {"backend": "gloo"}}, "sync.backend", "follows from engine"),
+    ("sync-port-removed", {"sync": {"port": 29500}}, "sync.port", "no longer a key"),
+    # the platform keys
+    ("priority-class-name", {"priorityClassName": "High Priority"}, "priorityClassName", "DNS-1123"),
+    ("service-account-name", {"serviceAccountName": "Fleet_SA"}, "serviceAccountName", "DNS-1123"),
+    ("gang-scheduler", {"gangScheduling": {"scheduler": "slurm"}}, "gangScheduling.scheduler", "kueue"),
+    ("queue-space", {"gangScheduling": {"scheduler": "volcano", "queue": "a b"}}, "gangScheduling.queue", "queue"),
+    ("run-as-root", {"podSecurity": {"runAsUser": 0}}, "podSecurity.runAsUser", "greater than or equal to 1"),
+    ("seccomp", {"podSecurity": {"seccompProfile": "Localhost"}}, "podSecurity.seccompProfile", "RuntimeDefault"),
+    ("volume-reserved-mount", {"volumes": [{"name": "x", "claimName": "x", "mountPath": "/dev/shm"}]},
+     "volumes[0]", "rollfleet's own mount"),
+    ("volume-reserved-name", {"volumes": [{"name": "dshm", "claimName": "x", "mountPath": "/x"}]},
+     "volumes[0]", "rollfleet's own volume"),
+    ("volume-relative-mount", {"volumes": [{"name": "x", "claimName": "x", "mountPath": "cache"}]},
+     "volumes[0].mountPath", "absolute path"),
+    ("volume-sub-path-escapes", {"volumes": [{"name": "x", "claimName": "x", "mountPath": "/x", "subPath": "a/../.."}]},
+     "volumes[0]", "leaves the volume"),
+    ("volume-group", {"volumes": [{"name": "x", "claimName": "x", "mountPath": "/x", "groups": ["workers"]}]},
+     "volumes[0].groups[0]", "'head', 'trainer' or 'inference'"),
+    ("affinity-operator", {"pools": {"trainer": {"affinity": {"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "zone", "operator": "Near"}]}]}}}}}},
+     "pools.trainer.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+     ".matchExpressions[0].operator", "'In'"),
+    ("affinity-weight", {"head": {"affinity": {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 101, "podAffinityTerm": {"topologyKey": "zone"}}]}}}},
+     "head.affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight", "100"),
+    ("ingress-port", {"networkPolicy": {"ingress": [{"namespace": "mon", "ports": ["ssh"]}]}},
+     "networkPolicy.ingress[0].ports[0]", "'dashboard'"),
+    ("ingress-namespace", {"networkPolicy": {"ingress": [{"namespace": "Mon", "ports": ["metrics"]}]}},
+     "networkPolicy.ingress[0].namespace", "DNS-1123"),
+    ("auth-secret-name", {"rayAuth": {"secretName": "Ray Token"}}, "rayAuth.secretName", "DNS-1123"),
+    ("secret-env-key", {"secretEnv": {"WANDB_API_KEY": {"name": "wandb", "key": "api key"}}},
+     "secretEnv.WANDB_API_KEY.key", "Secret key"),
+]
