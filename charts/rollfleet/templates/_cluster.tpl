@@ -69,6 +69,8 @@ imagePullSecrets:
   minReplicas: {{ $pool.nodes | int64 }}
   maxReplicas: {{ $pool.nodes | int64 }}
   numOfHosts: 1
+  # KubeRay's CRD defaults it inside workerGroupSpecs, a list applied whole: rendered, so a re-apply is a no-op
+  priority: 0
   rayStartParams: {}
   # Ray custom resource: actors pin to this pool with {"{{ $group }}": n}
   resources:
@@ -156,9 +158,9 @@ headGroupSpec:
           image: {{ include "rollfleet.image" $s.image | quote }}
           imagePullPolicy: {{ $s.image.pullPolicy }}
           ports:
-            - {"name": "gcs", "containerPort": 6379}
-            - {"name": "dashboard", "containerPort": 8265}
-            - {"name": "client", "containerPort": 10001}
+            - {"name": "gcs", "containerPort": 6379, "protocol": "TCP"}
+            - {"name": "dashboard", "containerPort": 8265, "protocol": "TCP"}
+            - {"name": "client", "containerPort": 10001, "protocol": "TCP"}
           resources:
             requests: {"cpu": {{ $s.head.cpu | quote }}, "memory": {{ $s.head.memory | quote }}}
             limits: {"cpu": {{ $s.head.cpu | quote }}, "memory": {{ $s.head.memory | quote }}}
