@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from rollfleet import kube
+from rollfleet.deploy import commands as deploy_commands
 from rollfleet.runtime import bench, demo
 from rollfleet.spec import SpecError
 
@@ -71,7 +71,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_kube(args) -> int:
-    return kube.main(args)
+    return deploy_commands.main(args, _spec)
 
 
 def cmd_demo(args) -> int:
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the values JSON Schema (the chart's values.schema.json)")
     p.set_defaults(func=cmd_schema)
 
-    kube.add_commands(sub, _values_args, cmd_kube)
+    deploy_commands.add_commands(sub, _values_args, cmd_kube)
     demo.add_command(sub, cmd_demo)
     bench.add_command(sub, cmd_bench)
     return parser
