@@ -117,6 +117,9 @@ def test_a_pool_with_no_schedulable_node_names_the_taints_that_exclude_labelled_
             "pools.inference.tolerations (key, operator Equal, value, effect) or remove the taint from the nodes"
             ) in problem
     assert "node.kubernetes.io/not-ready" not in problem  # the node state, said as "not Ready"
+    nodes.append(node("a100", product="NVIDIA-A100-SXM4-80GB"))
+    problem = pf.gpu_problem(by_group(pf.plan_gpus(groups(), nodes))["inference"])
+    assert problem.endswith("; GPU nodes without these labels have: NVIDIA-A100-SXM4-80GB (1 node)")
 
 
 def test_a_pool_whose_labels_no_node_has_names_the_gpu_products_nodes_have():

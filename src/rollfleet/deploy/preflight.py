@@ -94,12 +94,12 @@ def exclusions(group: Group, nodes: list[NodeInfo]) -> str:
     exclude nodes with its labels, or, when no node has its labels, the GPU products nodes do have."""
     selector = ",".join(f"{k}={v}" for k, v in group.node_selector.items()) or "(any node)"
     with_labels = [n for n in nodes if labelled(group, n)]
+    products = Counter(n.labels.get("nvidia.com/gpu.product", "(no nvidia.com/gpu.product label)")
+                       for n in nodes if n.gpus and n not in with_labels)
+    have = ", ".join(f"{p} ({c} node{'s' * (c != 1)})" for p, c in sorted(products.items()))
     if not with_labels:
-        products = Counter(n.labels.get("nvidia.com/gpu.product", "(no nvidia.com/gpu.product label)")
-                           for n in nodes if n.gpus)
-        have = ", ".join(f"{p} ({c} node{'s' * (c != 1)})" for p, c in sorted(products.items())) or "none"
-        return (f"no node has the labels {selector}; GPU products the nodes have: {have}; set {group.field}.gpuProduct "
-                f"to one of them (null: any GPU node) or change {group.field}.nodeSelector")
+        return (f"no node has the labels {selector}; GPU products the nodes have: {have or 'none'}; set "
+                f"{group.field}.gpuProduct to one of them (null: any GPU node) or change {group.field}.nodeSelector")
     reasons: dict[str, list[str]] = {}
     for n in with_labels:
         if not n.ready:
@@ -122,8 +122,9 @@ def exclusions(group: Group, nodes: list[NodeInfo]) -> str:
         fixes.append("a node's kubelet must report Ready (kubectl describe node <node>)")
     if "cordoned" in reasons:
         fixes.append("kubectl uncordon <node>")
+    elsewhere = f"; GPU nodes without these labels have: {have}" if have else ""
     return (f"{count} node{'s' * (count != 1)} with the labels {selector} "
-            f"{'are' if count != 1 else 'is'} excluded: {listed}; {'; '.join(fixes)}")
+            f"{'are' if count != 1 else 'is'} excluded: {listed}; {'; '.join(fixes)}{elsewhere}")
 
 
 def plan_gpus(groups: list[Group], nodes: list[NodeInfo]) -> list[GroupFit]:
