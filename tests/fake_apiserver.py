@@ -23,7 +23,7 @@ the endpoints `rollfleet.kube` uses, with the semantics those calls rely on:
 - DELETE (an object with finalizers only gets a deletionTimestamp; otherwise it goes, with a cascade
   to objects whose ownerReferences name its uid, as the garbage collector would), pods/<name>/log
   (with `follow=true`: streamed, chunked, until the pod is gone or Succeeded/Failed), Deployments
-  (apps/v1, for the operator check), and 403 for verbs a test forbids.
+  (apps/v1, for the operator check), NetworkPolicies, and 403 for verbs a test forbids.
 
 Lists are atomic in this stand-in's merge and field ownership (the real server merges lists marked
 `x-kubernetes-list-type: map` per element, so the stand-in is stricter there); nothing here schedules pods or runs an operator: tests set object
@@ -75,6 +75,7 @@ CORE = [
     ResourceType("", "v1", "secrets", "Secret", True),
     ResourceType("", "v1", "events", "Event", True),
     ResourceType("apps", "v1", "deployments", "Deployment", True, ("status",)),
+    ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True),
 ]
 
 

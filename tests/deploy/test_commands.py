@@ -358,19 +358,26 @@ def test_down_deletes_only_this_instances_labelled_objects_of_its_kinds(cluster,
     cluster.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})
     for obj in keep:
         cluster.add(obj)
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "smoke", "namespace": "rl", "labels": LABELS}}
+    cluster.add(policy)  # a kind rollfleet renders too (where the values enable it)
     rc, out, err = rollfleet("down", "smoke", "-n", "rl", values=None)
     assert rc == 0, err
     assert "deleted RayJob rl/smoke" in out and "deleted ConfigMap rl/smoke-config" in out
+    assert "deleted NetworkPolicy rl/smoke" in out
     assert "RayCluster rl/smoke-abcde: goes with its owner RayJob smoke" in out
-    assert "waiting up to 120s for RayJob rl/smoke, RayCluster rl/smoke-abcde, ConfigMap rl/smoke-config to be gone" in out
+    assert ("waiting up to 120s for RayJob rl/smoke, RayCluster rl/smoke-abcde, ConfigMap rl/smoke-config, "
+            "NetworkPolicy rl/smoke to be gone") in out
     deleted = sorted(p.split("?")[0] for m, p in writes(cluster) if m == "DELETE")
-    assert deleted == ["/api/v1/namespaces/rl/configmaps/smoke-config", "/apis/ray.io/v1/namespaces/rl/rayjobs/smoke"]
+    assert deleted == ["/api/v1/namespaces/rl/configmaps/smoke-config",
+                       "/apis/networking.k8s.io/v1/namespaces/rl/networkpolicies/smoke",
+                       "/apis/ray.io/v1/namespaces/rl/rayjobs/smoke"]
     assert cluster.get("RayCluster", "smoke-abcde", "rl") is None  # the garbage collector's cascade
     for obj in keep:
         assert cluster.get(obj["kind"], obj["metadata"]["name"], obj["metadata"]["namespace"]) is not None
     assert cluster.get("Pod", "smoke-head", "rl") is not None  # pods are the operator's to delete
     rc, out, err = rollfleet("down")
-    assert rc == 0 and "nothing to delete: no RayJob, RayCluster, ConfigMap labelled app.kubernetes.io/instance=" \
+    assert rc == 0 and "nothing to delete: no RayJob, RayCluster, ConfigMap, NetworkPolicy labelled app.kubernetes.io/instance=" \
                        "smoke,app.kubernetes.io/managed-by=rollfleet in namespace rl" in out
 
 

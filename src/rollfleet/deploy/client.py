@@ -17,7 +17,8 @@ from typing import Any
 
 FIELD_MANAGER = "rollfleet"
 API_VERSIONS = {"ConfigMap": "v1", "RayJob": "ray.io/v1", "RayCluster": "ray.io/v1", "Namespace": "v1",
-                "Secret": "v1", "Node": "v1", "Pod": "v1", "Event": "v1", "Deployment": "apps/v1"}
+                "Secret": "v1", "Node": "v1", "Pod": "v1", "Event": "v1", "Deployment": "apps/v1",
+                "NetworkPolicy": "networking.k8s.io/v1"}
 KUBERAY_INSTALL = ("helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0 "
                    "(helm repo add kuberay https://ray-project.github.io/kuberay-helm/)")
 REQUEST_TIMEOUT = 30  # seconds, each API request
@@ -68,16 +69,17 @@ class Kube:
     def raw(self, path: str) -> dict:
         return self._call(lambda **kw: self.dyn.request("get", path, **kw))
 
-    def resource(self, kind: str):
+    def resource(self, kind: str, api_version: str | None = None):
         from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
+        api_version = api_version or API_VERSIONS[kind]
         try:
-            return self.dyn.resources.get(api_version=API_VERSIONS[kind], kind=kind)
+            return self.dyn.resources.get(api_version=api_version, kind=kind)
         except ResourceNotFoundError:
-            if API_VERSIONS[kind].startswith("ray.io/"):
-                raise NotServed(f"{self.where} does not serve {kind} ({API_VERSIONS[kind]}); install the KubeRay "
+            if api_version.startswith("ray.io/"):
+                raise NotServed(f"{self.where} does not serve {kind} ({api_version}); install the KubeRay "
                                 f"operator v1.7.0 with its CRDs: {KUBERAY_INSTALL}") from None
-            raise NotServed(f"{self.where} does not serve {kind} ({API_VERSIONS[kind]})") from None
+            raise NotServed(f"{self.where} does not serve {kind} ({api_version})") from None
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
         from kubernetes.dynamic.exceptions import NotFoundError
@@ -95,7 +97,7 @@ class Kube:
     def apply(self, obj: dict, force: bool, dry_run: bool = False) -> dict:
         """Server-side apply as FIELD_MANAGER; unknown fields are refused (fieldValidation=Strict),
         never silently dropped."""
-        return self._call(self.resource(obj["kind"]).server_side_apply, body=obj,
+        return self._call(self.resource(obj["kind"], obj["apiVersion"]).server_side_apply, body=obj,
                           namespace=obj["metadata"].get("namespace"), field_manager=FIELD_MANAGER,
                           force_conflicts=True if force else None, dry_run="All" if dry_run else None,
                           query_params=[("fieldValidation", "Strict")])

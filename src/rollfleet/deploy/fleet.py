@@ -11,7 +11,7 @@ from typing import Any
 
 GPU = "nvidia.com/gpu"
 TOPS = ("RayJob", "RayCluster")
-CREATED_KINDS = ("RayJob", "RayCluster", "ConfigMap")  # all rollfleet creates, so all `down` deletes
+CREATED_KINDS = ("RayJob", "RayCluster", "ConfigMap", "NetworkPolicy")  # all rollfleet creates: all `down` deletes
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 HELM_RELEASE = "meta.helm.sh/release-name"
 HELM_NAMESPACE = "meta.helm.sh/release-namespace"
