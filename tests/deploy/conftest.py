@@ -53,12 +53,15 @@ def gpu_node(name: str, gpus: int = 8, product: str | None = H100, taints=(), la
                        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
 
 
-def operator_deployment(available: int = 1, namespace: str = "kuberay-system") -> dict:
+HELM_OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+                        "app.kubernetes.io/managed-by": "Helm"}  # KubeRay v1.7.0's chart, on the Deployment
+KUSTOMIZE_OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"}
+
+
+def operator_deployment(available: int = 1, namespace: str = "kuberay-system", labels=None) -> dict:
     """KubeRay's operator as its Helm chart labels it (no pods run here: only the status says so)."""
     return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "kuberay-operator", "namespace": namespace,
-                         "labels": {"app.kubernetes.io/name": "kuberay-operator",
-                                    "app.kubernetes.io/component": "kuberay-operator"}},
+            "metadata": {"name": "kuberay-operator", "namespace": namespace, "labels": labels or HELM_OPERATOR_LABELS},
             "spec": {"replicas": 1}, "status": {"replicas": 1, "availableReplicas": available}}
 
 

@@ -14,7 +14,8 @@ from rollfleet.deploy.fleet import groups_of
 from rollfleet.render import render_objects
 from rollfleet.spec import load_spec
 
-from .conftest import GPU, H100, gpu_node, kuberay_stand_in, operator_deployment, ready_pod, seed, writes
+from .conftest import (GPU, H100, KUSTOMIZE_OPERATOR_LABELS, gpu_node, kuberay_stand_in, operator_deployment,
+                       ready_pod, seed, writes)
 
 
 def node(name, gpus=8, used=0, product=H100, taints=(), ready=True, cordoned=False, **labels) -> pf.NodeInfo:
@@ -192,13 +193,21 @@ def test_no_kuberay_operator_is_refused_with_the_command_to_check(fake, rollflee
     seed(fake, operator=False)
     rc, out, err = rollfleet("deploy")
     assert rc == 2
-    assert ("error: no KubeRay operator: no Deployment labelled app.kubernetes.io/component=kuberay-operator in any "
-            "namespace, so nothing would create the Ray cluster of RayJob rl/smoke; install it: helm install "
-            "kuberay-operator") in err
-    assert "check: kubectl get deployments -A -l app.kubernetes.io/component=kuberay-operator" in err
+    assert ("error: no KubeRay operator: no Deployment labelled app.kubernetes.io/name=kuberay-operator or "
+            "app.kubernetes.io/component=kuberay-operator in any namespace, so nothing would create the Ray cluster "
+            "of RayJob rl/smoke; install it: helm install kuberay-operator") in err
+    assert "check: kubectl get pods -A -l app.kubernetes.io/component=kuberay-operator" in err
     assert "pass --skip-operator-check" in err and writes(fake) == []
     fake.on_write = kuberay_stand_in()
     assert rollfleet("deploy", "--skip-operator-check")[0] == 0
+
+
+def test_an_operator_from_kuberays_kustomize_manifests_is_found(fake, rollfleet):
+    seed(fake, operator=False)
+    fake.add(operator_deployment(namespace="ray-system", labels=KUSTOMIZE_OPERATOR_LABELS))
+    fake.on_write = kuberay_stand_in()
+    rc, out, err = rollfleet("deploy")
+    assert rc == 0, err
 
 
 def test_an_operator_without_an_available_replica_is_a_warning(fake, rollfleet):

@@ -20,7 +20,7 @@ def test_wait_timeout_says_what_it_waited_for_and_that_no_operator_answered(clus
             "cluster ready, job submitted)") in err
     assert "error: last seen: RayJob rl/smoke: deployment -, job -; RayCluster -: -; pods ready: head 0/1" in err
     assert ("error: RayJob rl/smoke has no status after 0s: no KubeRay operator reconciles it (not installed, not "
-            "running, or not watching namespace rl); check: kubectl get deployments -A -l "
+            "running, or not watching namespace rl); check: kubectl get pods -A -l "
             "app.kubernetes.io/component=kuberay-operator") in err
     assert "images may still be pulling" not in err
 

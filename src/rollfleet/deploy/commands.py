@@ -87,7 +87,7 @@ def add_commands(sub, values_args: Callable, func: Callable) -> None:
     p.add_argument("--wait", choices=("ready", "complete", "none"), default="ready",
                    help="ready: cluster up and job running (default); complete: the RayJob succeeded; none: "
                         "return after applying")
-    p.add_argument("--timeout", type=duration, help=timeout_help)
+    p.add_argument("--timeout", type=duration, metavar="DURATION", help=timeout_help)
     p.add_argument("--dry-run", action="store_true",
                    help="preflight and a server-side dry run only: print what would change, write nothing")
     p.add_argument("--replace", action="store_true",
@@ -109,7 +109,7 @@ def add_commands(sub, values_args: Callable, func: Callable) -> None:
     p = sub.add_parser("status", help="show the fleet's objects, pools and problems (optionally wait)")
     common(p, named=True)
     p.add_argument("--wait", choices=("ready", "complete"), help="wait until ready / the RayJob succeeded")
-    p.add_argument("--timeout", type=duration, help=timeout_help)
+    p.add_argument("--timeout", type=duration, metavar="DURATION", help=timeout_help)
     p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text",
                    help="text (default), or one JSON / YAML document")
     p.set_defaults(kube_command="status")
@@ -124,7 +124,7 @@ def add_commands(sub, values_args: Callable, func: Callable) -> None:
 
     p = sub.add_parser("down", help="delete the fleet's RayJob/RayCluster/ConfigMap (by rollfleet labels)")
     common(p, named=True)
-    p.add_argument("--timeout", type=duration, default=DELETE_TIMEOUT,
+    p.add_argument("--timeout", type=duration, default=DELETE_TIMEOUT, metavar="DURATION",
                    help=f"how long to wait until they are gone (default {DELETE_TIMEOUT:g}s)")
     p.set_defaults(kube_command="down")
 

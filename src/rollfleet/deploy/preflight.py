@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from rollfleet.deploy.client import KUBERAY_INSTALL, Kube, NotServed, api_message
 from rollfleet.deploy.fleet import GPU, Fleet, Group, helm_release, pod_gpus, quantity, ref, secret_refs
 
-OPERATOR_SELECTOR = "app.kubernetes.io/component=kuberay-operator"  # KubeRay's Helm chart and kustomize manifests
-CHECK_OPERATOR = f"kubectl get deployments -A -l {OPERATOR_SELECTOR}"
+# The KubeRay operator's Deployment as KubeRay v1.7.0's Helm chart labels it, and as its kustomize manifests
+# (ray-operator/config/manager) do; its pods carry the component label under both.
+OPERATOR_SELECTORS = ("app.kubernetes.io/name=kuberay-operator", "app.kubernetes.io/component=kuberay-operator")
+CHECK_OPERATOR = "kubectl get pods -A -l app.kubernetes.io/component=kuberay-operator"
 NODE_STATE_TAINTS = "node.kubernetes.io/"  # not-ready, unreachable, unschedulable, ...: the node's state
 FINISHED = ("Complete", "Failed")  # jobDeploymentStatus of a RayJob that will not run again
 
@@ -223,7 +225,9 @@ def operator_running(kube: Kube, fleet: Fleet, report: Report) -> None:
     from kubernetes.dynamic.exceptions import ForbiddenError
 
     try:
-        deployments = kube.list("Deployment", labels=OPERATOR_SELECTOR)
+        found = {d["metadata"]["uid"]: d for selector in OPERATOR_SELECTORS
+                 for d in kube.list("Deployment", labels=selector)}
+        deployments = sorted(found.values(), key=lambda d: (d["metadata"]["namespace"], d["metadata"]["name"]))
     except (ForbiddenError, NotServed) as exc:
         why = api_message(exc) if isinstance(exc, ForbiddenError) else str(exc)
         report.warnings.append(f"KubeRay operator not checked: {why}; the wait stops early if the {fleet.kind} gets "
@@ -231,7 +235,8 @@ def operator_running(kube: Kube, fleet: Fleet, report: Report) -> None:
         return
     if not deployments:
         report.problems.append(
-            f"no KubeRay operator: no Deployment labelled {OPERATOR_SELECTOR} in any namespace, so nothing would "
+            f"no KubeRay operator: no Deployment labelled {' or '.join(OPERATOR_SELECTORS)} in any namespace, so "
+            f"nothing would "
             f"create the Ray cluster of {fleet.top}; install it: {KUBERAY_INSTALL}; check: {CHECK_OPERATOR} "
             f"(an operator deployed another way: pass --skip-operator-check)")
         return

@@ -101,8 +101,7 @@ def waiting_for(fleet: Fleet, until: str) -> tuple[str, str]:
 
 def no_operator(fleet: Fleet, seconds: float) -> str:
     return (f"{fleet.top} has no status after {seconds:.0f}s: no KubeRay operator reconciles it (not installed, not "
-            f"running, or not watching namespace {fleet.namespace}); check: {CHECK_OPERATOR}, then that "
-            f"Deployment's logs")
+            f"running, or not watching namespace {fleet.namespace}); check: {CHECK_OPERATOR}, then its logs")
 
 
 def wait(kube: Kube, fleet: Fleet, until: str, timeout: float, out: Callable[[str], None] = say) -> int:
