@@ -11,7 +11,7 @@ the endpoints `rollfleet.kube` uses, with the semantics those calls rely on:
   `force=true`, which takes the field over), fields dropped from an apply are removed when no other
   manager owns them, a no-op apply changes nothing (same resourceVersion), `dryRun=All` persists nothing;
 - the KubeRay CRDs' structural schemas, read from the CRD files (tests/crd_schema.py): unknown fields
-  are pruned (`fieldValidation=Strict`: refused with 400, otherwise dropped with a `Warning` header),
+  are pruned (`fieldValidation=Strict`: refused with 400, else dropped with a `Warning` header),
   and `default:`s are applied to what is stored and returned. As in kube-apiserver, whether an apply is
   a no-op is decided on the merged object *before* defaulting (structured-merge-diff's `Apply`, then
   the defaulter), so an apply that replaces a list whole and omits a field the CRD defaults inside it
@@ -26,8 +26,9 @@ the endpoints `rollfleet.kube` uses, with the semantics those calls rely on:
   (apps/v1, for the operator check), NetworkPolicies, and 403 for verbs a test forbids.
 
 Lists are atomic in this stand-in's merge and field ownership (the real server merges lists marked
-`x-kubernetes-list-type: map` per element, so the stand-in is stricter there); nothing here schedules pods or runs an operator: tests set object
-status themselves (`set_status`, or an `on_write` hook that plays the operator).
+`x-kubernetes-list-type: map` per element, so the stand-in is stricter there); nothing here schedules
+pods or runs an operator: tests set object status themselves (`set_status`, or an `on_write` hook that
+plays the operator).
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ def test_a_409_in_the_dry_run_applies_nothing_and_says_how_to_take_over():
     assert kube.applied == []
     changes, problems = commands.dry_run(kube, OBJECTS, force=True)
     assert problems == [] and [c.outcome for c in changes] == ["created", "created"]
-    assert commands.apply_objects(kube, changes, force=True) == (["ConfigMap rl/c: created", "RayJob rl/j: created"], [])
+    lines, problems = commands.apply_objects(kube, changes, force=True)
+    assert (lines, problems) == (["ConfigMap rl/c: created", "RayJob rl/j: created"], [])
 
 
 def test_an_unknown_field_names_the_crd_version():
@@ -377,8 +378,9 @@ def test_down_deletes_only_this_instances_labelled_objects_of_its_kinds(cluster,
         assert cluster.get(obj["kind"], obj["metadata"]["name"], obj["metadata"]["namespace"]) is not None
     assert cluster.get("Pod", "smoke-head", "rl") is not None  # pods are the operator's to delete
     rc, out, err = rollfleet("down")
-    assert rc == 0 and "nothing to delete: no RayJob, RayCluster, ConfigMap, NetworkPolicy labelled app.kubernetes.io/instance=" \
-                       "smoke,app.kubernetes.io/managed-by=rollfleet in namespace rl" in out
+    assert rc == 0
+    assert ("nothing to delete: no RayJob, RayCluster, ConfigMap, NetworkPolicy labelled "
+            "app.kubernetes.io/instance=smoke,app.kubernetes.io/managed-by=rollfleet in namespace rl") in out
 
 
 def test_down_names_a_helm_release_it_leaves_alone(cluster, rollfleet):
@@ -387,7 +389,8 @@ def test_down_names_a_helm_release_it_leaves_alone(cluster, rollfleet):
                                                        "app.kubernetes.io/managed-by": "Helm"},
         "annotations": {"meta.helm.sh/release-name": "fleet", "meta.helm.sh/release-namespace": "rl"}}})
     rc, out, err = rollfleet("down", "fleet", "-n", "rl", values=None)
-    assert rc == 0 and "RayJob rl/fleet belongs to Helm release fleet: remove it with `helm uninstall fleet -n rl`" in out
+    assert rc == 0
+    assert "RayJob rl/fleet belongs to Helm release fleet: remove it with `helm uninstall fleet -n rl`" in out
     assert cluster.get("RayJob", "fleet", "rl") is not None
 
 

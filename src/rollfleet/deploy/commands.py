@@ -221,12 +221,13 @@ def found_fleet(kube: Kube, t: Target) -> Fleet:
         others = []
         for kind in TOPS:
             try:
-                others += [o["metadata"]["name"] for o in kube.list(kind, t.namespace, labels="app.kubernetes.io/name=rollfleet")]
+                listed = kube.list(kind, t.namespace, labels="app.kubernetes.io/name=rollfleet")
+                others += [o["metadata"]["name"] for o in listed]
             except NotServed:
                 pass
         have = f"; fleets there: {', '.join(sorted(set(others)))}" if others else "; none of rollfleet's is there"
         raise FleetNotFound(f"no RayJob or RayCluster {t.name!r} in namespace {t.namespace} on {kube.where}{have} "
-                        f"(-n picks the namespace)")
+                            f"(-n picks the namespace)")
     return fleet
 
 

@@ -186,9 +186,10 @@ def node_info(node: dict, used: int) -> NodeInfo:
 def gpu_fits(kube: Kube, fleet: Fleet) -> list[GroupFit]:
     used: dict[str, int] = {}
     for pod in kube.list("Pod", fields="status.phase!=Succeeded,status.phase!=Failed"):
-        labels = pod["metadata"].get("labels") or {}
-        if pod["metadata"].get("namespace") == fleet.namespace and labels.get("app.kubernetes.io/instance") == fleet.name \
-                and labels.get("app.kubernetes.io/name") == "rollfleet":
+        meta = pod["metadata"]
+        labels = meta.get("labels") or {}
+        ours = labels.get("app.kubernetes.io/name") == "rollfleet" and meta.get("namespace") == fleet.namespace
+        if ours and labels.get("app.kubernetes.io/instance") == fleet.name:
             continue  # this fleet's own pods (a re-deploy) do not count against it
         node = (pod.get("spec") or {}).get("nodeName")
         if node:
