@@ -441,6 +441,15 @@ def test_bad_durations_are_usage_errors(text, capsys):
     assert exit_.value.code == 2 and "duration" in capsys.readouterr().err
 
 
+def test_a_request_rbac_refuses_says_so(cluster, rollfleet):
+    cluster.forbidden.add(("list", "pods"))
+    rc, out, err = rollfleet("status")
+    assert rc == 1
+    assert err.startswith("error: the API server answered 403: pods is forbidden")
+    assert err.endswith("; your user may not do this: ask a cluster admin for the permission, or pick another "
+                        "--context\n")
+
+
 def test_interrupts_exit_130_without_a_traceback(cluster, rollfleet, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

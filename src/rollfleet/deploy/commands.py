@@ -32,6 +32,11 @@ INTERRUPTED = 130
 DELETE_TIMEOUT = 120.0  # seconds `down` and `deploy --replace` wait for deleted objects to go
 DEFAULT_NAMESPACE = "default"  # the values' default: a values file that leaves it is read as "not said"
 SERVER_FIELDS = ("managedFields", "resourceVersion", "generation", "uid", "creationTimestamp")
+API_HINTS = {401: "; your kubeconfig's credentials were refused: refresh them or pick another --context",
+             403: "; your user may not do this: ask a cluster admin for the permission, or pick another --context",
+             429: "; the API server is throttling: rerun in a moment",
+             500: "; the API server failed: rerun, and check the server if it persists",
+             503: "; the API server is unavailable: rerun, and check the server if it persists"}
 
 
 class UsageError(Exception):
@@ -143,7 +148,7 @@ def main(args, load: Callable) -> int:
         err(str(exc))
         return FAILED
     except DynamicApiError as exc:
-        err(f"the API server answered {exc.status}: {api_message(exc)}")
+        err(f"the API server answered {exc.status}: {api_message(exc)}{API_HINTS.get(exc.status, '')}")
         return FAILED
     except HTTPError as exc:
         err(f"lost the API server: {exc}; check that the cluster is up and rerun")
