@@ -14,9 +14,11 @@ import yaml
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic.exceptions import api_exception
 
+from conftest import EXAMPLES
 from fake_apiserver import CORE, FakeApiServer
 from rollfleet import cli
 from rollfleet.deploy import commands
+from rollfleet.render import load_values
 
 from .conftest import LABELS, kuberay_stand_in, ready_pod, seed, writes
 
@@ -461,3 +463,10 @@ def test_interrupts_exit_130_without_a_traceback(cluster, rollfleet, monkeypatch
 def test_the_kubernetes_client_is_not_imported_to_build_the_parser():
     code = "import sys, rollfleet.cli as c; c.build_parser(); sys.exit('kubernetes' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.stem)
+def test_a_namespace_from_the_command_line_changes_nothing_else(example):
+    spec = load_values(example)
+    moved = commands.in_namespace(spec, "elsewhere")
+    assert moved.namespace == "elsewhere" and moved.model_copy(update={"namespace": spec.namespace}) == spec
