@@ -18,7 +18,7 @@ export ROLLFLEET_CRDS_DIR := $(abspath $(CRDS_DIR))
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 LOCAL_TORCH := $(firstword $(foreach d,$(FIND_LINKS),$(wildcard $(d)/torch-*.whl)))
 
-.PHONY: help venv test test-image demo render manifests schema crds lint lock images deploy status down kind-smoke clean
+.PHONY: help venv test test-image demo render manifests schema crds lint lock images deploy diff status down kind-smoke clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,10 +61,13 @@ clean: ## remove the virtualenv and caches
 deploy: venv ## preflight, server-side apply and wait for VALUES on the current kube context (docs/deploy.md)
 	$(BIN)/rollfleet deploy -f $(VALUES)
 
+diff: venv ## what `make deploy` would change on the current kube context (server-side dry run; exit 1: changes)
+	$(BIN)/rollfleet diff -f $(VALUES)
+
 status: venv ## VALUES' fleet on the cluster: objects, pools ready, problems
 	$(BIN)/rollfleet status -f $(VALUES)
 
-down: venv ## delete VALUES' fleet: only its RayJob/RayCluster/ConfigMap labelled managed-by=rollfleet
+down: venv ## delete VALUES' fleet: only its RayJob/RayCluster/ConfigMap/NetworkPolicy labelled managed-by=rollfleet
 	$(BIN)/rollfleet down -f $(VALUES)
 
 kind-smoke: venv ## GPU host with docker + NVIDIA toolkit, >= 2 GPUs: nvkind, KubeRay, chart, RayJob (DRY_RUN=1 prints)

@@ -73,7 +73,7 @@ cleanup() {
   local rc=$?
   if ((rc != 0)) && ((CREATED == 1)); then
     log "failed (exit $rc): the fleet's state"
-    run "$ROLLFLEET" status -f "$VALUES" --context "$CONTEXT" || true
+    run "$ROLLFLEET" status "$RELEASE" -n "$NAMESPACE" --context "$CONTEXT" || true
   fi
   if ((CREATED == 1)) && [[ "$KEEP" != 1 ]]; then
     log "cleanup"
@@ -129,8 +129,8 @@ run helm upgrade --install "$RELEASE" charts/rollfleet -f "$VALUES" --kube-conte
   --set "image.repository=${IMAGE%:*}" --set "image.tag=${IMAGE##*:}" "${token_args[@]}"
 
 log "waiting for the RayJob to succeed"
-run "$ROLLFLEET" status -f "$VALUES" --context "$CONTEXT" --wait complete --timeout "$TIMEOUT"
+run "$ROLLFLEET" status "$RELEASE" -n "$NAMESPACE" --context "$CONTEXT" --wait complete --timeout "$TIMEOUT"
 
 log "smoke result: the RayJob's logs"
-run "$ROLLFLEET" logs -f "$VALUES" --context "$CONTEXT" --tail 50
+run "$ROLLFLEET" logs "$RELEASE" -n "$NAMESPACE" --context "$CONTEXT" --tail 50
 log "PASSED"

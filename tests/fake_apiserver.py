@@ -1,7 +1,7 @@
 """FAKE Kubernetes API server: an in-process STAND-IN for kube-apiserver, for tests only.
 
 It is not Kubernetes. It is a threaded `http.server` on 127.0.0.1 (ephemeral port) that serves only
-the endpoints `rollfleet.kube` uses, with the semantics those calls rely on:
+the endpoints `rollfleet.deploy` uses, with the semantics those calls rely on:
 
 - discovery for the `kubernetes` dynamic client: /version, /api, /api/v1, /apis, /apis/<group>/<version>;
 - GET one object, LIST with `labelSelector` (k=v, k!=v, k, !k) and `fieldSelector` (path=v, path!=v),
@@ -10,16 +10,25 @@ the endpoints `rollfleet.kube` uses, with the semantics those calls rely on:
   kept per manager, 409 `Conflict` when another manager owns a field the apply would change (unless
   `force=true`, which takes the field over), fields dropped from an apply are removed when no other
   manager owns them, a no-op apply changes nothing (same resourceVersion), `dryRun=All` persists nothing;
+- the KubeRay CRDs' structural schemas, read from the CRD files (tests/crd_schema.py): unknown fields
+  are pruned (`fieldValidation=Strict`: refused with 400, else dropped with a `Warning` header),
+  and `default:`s are applied to what is stored and returned. As in kube-apiserver, whether an apply is
+  a no-op is decided on the merged object *before* defaulting (structured-merge-diff's `Apply`, then
+  the defaulter), so an apply that replaces a list whole and omits a field the CRD defaults inside it
+  is never a no-op: a new resourceVersion every time, as a real API server showed for
+  `workerGroupSpecs[].priority`;
 - the `status` subresource: an apply to the main resource ignores `.status`; PATCH .../status
   (merge patch) changes only `.status` and records the writer as an `Update` manager;
 - 422 `Invalid` from a pluggable admission check (a validating-webhook stand-in);
 - DELETE (an object with finalizers only gets a deletionTimestamp; otherwise it goes, with a cascade
-  to objects whose ownerReferences name its uid, as the garbage collector would), pods/<name>/log,
-  and 403 for verbs a test forbids.
+  to objects whose ownerReferences name its uid, as the garbage collector would), pods/<name>/log
+  (with `follow=true`: streamed, chunked, until the pod is gone or Succeeded/Failed), Deployments
+  (apps/v1, for the operator check), NetworkPolicies, and 403 for verbs a test forbids.
 
-Lists are atomic in this stand-in's field ownership (the real server merges lists marked
-`x-kubernetes-list-type: map`); nothing here schedules pods or runs an operator: tests set object
-status themselves (`set_status`, or an `on_write` hook that plays the operator).
+Lists are atomic in this stand-in's merge and field ownership (the real server merges lists marked
+`x-kubernetes-list-type: map` per element, so the stand-in is stricter there); nothing here schedules
+pods or runs an operator: tests set object status themselves (`set_status`, or an `on_write` hook that
+plays the operator).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +45,8 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
+
+from crd_schema import default, prune, schema_of
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,7 @@ CORE = [
     ResourceType("", "v1", "configmaps", "ConfigMap", True),
     ResourceType("", "v1", "secrets", "Secret", True),
     ResourceType("", "v1", "events", "Event", True),
+    ResourceType("apps", "v1", "deployments", "Deployment", True, ("status",)),
     ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True),
 ]
 
@@ -200,7 +213,9 @@ def match_fields(selector: str, obj: dict) -> bool:
 class FakeApiServer:
     """A stand-in kube-apiserver (see the module docstring for what it does and does not do)."""
 
-    def __init__(self, types: list[ResourceType] | None = None):
+    def __init__(self, types: list[ResourceType] | None = None, crds: Path | None = None):
+        """`crds`: the directory of KubeRay's CRD files (default: rollfleet.validate.crds_dir())."""
+        self.crds = crds
         self.types = list(CORE + kuberay()) if types is None else list(types)
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
         self.logs: dict[tuple[str, str, str], str] = {}  # (namespace, pod, container) -> text
@@ -212,6 +227,7 @@ class FakeApiServer:
         self._rv = 100
         self._uid = 0
         self._httpd: ThreadingHTTPServer | None = None
+        self._request = threading.local()  # .warnings: Warning headers of the request being served
 
     # -- lifecycle
     def start(self) -> FakeApiServer:
@@ -258,6 +274,16 @@ class FakeApiServer:
                 return t
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
 
+    def schema(self, t: ResourceType) -> dict | None:
+        """The structural schema of a KubeRay kind, None for built-in kinds (not modelled here)."""
+        if t.group != "ray.io":
+            return None
+        if self.crds is None:
+            from rollfleet.validate import crds_dir
+
+            self.crds = crds_dir()
+        return schema_of(t.kind, str(self.crds))
+
     def _next_rv(self) -> str:
         self._rv += 1
         return str(self._rv)
@@ -287,11 +313,13 @@ class FakeApiServer:
         """What a controller does through the status subresource (merge patch of `.status`)."""
         return self._patch_status(self.type_of(kind), namespace, name, {"status": status}, manager)
 
-    def apply(self, obj: dict, manager: str, force: bool = False, dry_run: bool = False) -> dict:
+    def apply(self, obj: dict, manager: str, force: bool = False, dry_run: bool = False,
+              validation: str = "") -> dict:
         """Server-side apply of `obj` by field manager `manager` (what PATCH apply-patch+yaml does)."""
         t = self.type_of(obj.get("kind", ""))
         meta = obj.get("metadata") or {}
-        return self._apply(t, meta.get("namespace", ""), meta.get("name", ""), obj, manager, force, dry_run)
+        return self._apply(t, meta.get("namespace", ""), meta.get("name", ""), obj, manager, force, dry_run,
+                           validation)
 
     # -- semantics
     def _not_found(self, t: ResourceType, name: str) -> ApiError:
@@ -324,7 +352,7 @@ class FakeApiServer:
         return copy.deepcopy((obj or {}).get("metadata", {}).get("managedFields") or [])
 
     def _apply(self, t: ResourceType, ns: str, name: str, body: dict, manager: str, force: bool,
-               dry_run: bool) -> dict:
+               dry_run: bool, validation: str = "") -> dict:
         if not manager:
             raise ApiError(400, "BadRequest", "PATCH requests with apply content type require fieldManager")
         if body.get("apiVersion") != t.api_version or body.get("kind") != t.kind:
@@ -345,6 +373,14 @@ class FakeApiServer:
                 raise self._forbidden("patch", t, ns, name)
             key = (t.plural, ns if t.namespaced else "", name)
             current = self.objects.get(key)
+            schema = self.schema(t)
+            if schema is not None:
+                body, unknown = prune(body, schema)
+                if unknown and validation == "Strict":
+                    raise ApiError(400, "BadRequest", f"{t.kind} in version \"{t.version}\" cannot be handled as a "
+                                                      f"{t.kind}: strict decoding error: " + ", ".join(
+                                                          f'unknown field "{u}"' for u in unknown))
+                self._warn(*(f'unknown field "{u}"' for u in unknown))
             has_status = "status" in t.subresources
             applied = _owned_paths(body, has_status)
             managers = self._managers(current)
@@ -398,6 +434,8 @@ class FakeApiServer:
                                {"name": name, "group": t.group, "kind": t.kind})
             if current is not None and self._same(current, new):
                 return copy.deepcopy(current)  # a no-op apply: nothing written, same resourceVersion
+            if schema is not None:  # the defaulter runs after the merge and the no-op check
+                new.update(default({k: v for k, v in new.items() if k != "metadata"}, schema))
             if current is None:
                 self._uid += 1
                 new["metadata"].update(uid=f"fake-uid-{self._uid}", creationTimestamp=_now())
@@ -413,6 +451,11 @@ class FakeApiServer:
             stored = copy.deepcopy(new)
         self.on_write(self, copy.deepcopy(stored))
         return stored
+
+    def _warn(self, *messages: str) -> None:
+        """Warning headers for the response to the request being served (`299 - "..."`, as the server)."""
+        if messages and hasattr(self._request, "warnings"):
+            self._request.warnings.extend(messages)
 
     @staticmethod
     def _same(a: dict, b: dict) -> bool:
@@ -481,8 +524,27 @@ class FakeApiServer:
             tail = query.get("tailLines")
             return "".join(lines[-int(tail):] if tail else lines)
 
+    def _follow(self, ns: str, pod: str, query: dict):
+        """`follow=true`: the tail, then what a test appends to `logs`, until the pod is gone or done."""
+        text = self._log(ns, pod, query)
+        container = query.get("container") or self._read(self.type_of("Pod"), ns, pod)["spec"]["containers"][0]["name"]
+        sent = len(self.logs.get((ns, pod, container), ""))
+        yield text.encode()
+        while True:
+            with self.lock:
+                obj = self.objects.get(("pods", ns, pod))
+                full = self.logs.get((ns, pod, container), "")
+            if len(full) > sent:
+                yield full[sent:].encode()
+                sent = len(full)
+                continue
+            if obj is None or (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                return
+            time.sleep(0.02)
+
     # -- routing
-    def handle(self, method: str, raw_path: str, headers, body: bytes) -> tuple[int, str, bytes]:
+    def handle(self, method: str, raw_path: str, headers, body: bytes) -> tuple[int, str, Any]:
+        """(status code, content type, payload): bytes, or an iterator of bytes for a streamed log."""
         url = urlsplit(raw_path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         parts = [p for p in url.path.split("/") if p]
@@ -518,6 +580,9 @@ class FakeApiServer:
         if (verb, t.plural) in self.forbidden:
             raise self._forbidden(verb, t, ns, name)
         if method == "GET" and sub == "log":
+            if query.get("follow") == "true":
+                self._log(ns, name, query)  # errors (no such pod or container) before streaming starts
+                return 200, "text/plain", self._follow(ns, name, query)
             return 200, "text/plain", self._log(ns, name, query).encode()
         if method == "GET":
             with self.lock:
@@ -538,7 +603,8 @@ class FakeApiServer:
                                f"this fake API server implements only server-side apply (got {content_type})")
             force = query.get("force", "").lower() in ("true", "1")
             dry_run = query.get("dryRun") == "All"
-            return _json(200, self._apply(t, ns, name, patch, query.get("fieldManager", ""), force, dry_run))
+            return _json(200, self._apply(t, ns, name, patch, query.get("fieldManager", ""), force, dry_run,
+                                          query.get("fieldValidation", "")))
         if method == "DELETE" and name and not sub:
             return _json(200, self._delete(t, ns, name))
         raise ApiError(405, "MethodNotAllowed", f"{method} is not implemented by this fake API server")
@@ -600,12 +666,27 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        self.api._request.warnings = []
         code, content_type, payload = self.api.handle(self.command, self.path, self.headers, body)
         self.send_response(code)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
+        for warning in self.api._request.warnings:
+            self.send_header("Warning", f'299 - "{warning}"')
+        if isinstance(payload, bytes):
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.wfile.write(payload)
+        try:
+            for chunk in payload:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped following
+            self.close_connection = True
 
     do_GET = do_PATCH = do_DELETE = do_POST = do_PUT = _serve
 

@@ -1,7 +1,9 @@
 """charts/rollfleet, rendered and linted by the real Helm v4 engine (helm-python-sdk; no binary, no cluster).
 
-The core property: for the same values file, `helm install charts/rollfleet -f FILE` and `rollfleet render
--f FILE` produce equal objects. The only differences allowed are Helm's own labels and the `helm test`
+The core property: for the same values file, `helm install NAME charts/rollfleet -n NAMESPACE -f FILE` and
+`rollfleet render -f FILE` produce equal objects when NAME and NAMESPACE are the values' `name` and
+`namespace` (the chart names objects after the release and places them in its namespace unless the values
+set one; the parity tests pass both explicitly). The only differences allowed are Helm's own labels and the `helm test`
 hooks, listed in HELM_ONLY_LABELS and TEST_HOOKS below.
 """
 
@@ -56,9 +58,16 @@ def chart():
         yield loaded
 
 
-def helm_render(chart, values: dict[str, Any], namespace: str = "default") -> dict[str, str]:
-    """Template path -> rendered text, as `helm template RELEASE charts/rollfleet -f values` gives it."""
-    return chart.render(values, name=RELEASE, namespace=namespace)
+def helm_render(chart, values: dict[str, Any], name: str = RELEASE, namespace: str = "default") -> dict[str, str]:
+    """Template path -> rendered text, as `helm template NAME charts/rollfleet -n NAMESPACE -f values` gives it."""
+    return chart.render(values, name=name, namespace=namespace)
+
+
+def helm_render_as_cli(chart, values: dict[str, Any]) -> dict[str, str]:
+    """As `helm template <values' name> -n <values' namespace>`: the release whose objects are named and placed
+    as `rollfleet render` names and places them (the chart names objects after the release)."""
+    spec = load_spec(merge_default_maps(values))
+    return helm_render(chart, values, spec.name, spec.namespace)
 
 
 KIND_ORDER = ["ConfigMap", "RayJob", "RayCluster", "NetworkPolicy"]  # the CLI's order
@@ -135,8 +144,9 @@ def example_renders(chart) -> dict[str, tuple[dict[str, str], list[dict]]]:
     """Per example: (Helm's render of the file as `-f` reads it, the CLI's objects). Rendered once."""
     renders = {}
     for example in EXAMPLES:
-        renders[example.name] = (helm_render(chart, helm.values_from_yaml(example.read_text())),
-                                 render_objects(load_values(example)))
+        spec = load_values(example)
+        renders[example.name] = (helm_render(chart, helm.values_from_yaml(example.read_text()), spec.name,
+                                             spec.namespace), render_objects(spec))
     return renders
 
 
@@ -154,13 +164,36 @@ def test_runtime_config_is_byte_equal_and_parses_to_the_cli_spec(example_renders
     assert load_spec(json.loads(text)) == load_values(ROOT / "manifests" / "examples" / example)
 
 
-def test_objects_are_named_from_the_values_not_the_release(chart):
-    values = helm.values_from_yaml((ROOT / "manifests/examples/one-node-8gpu.yaml").read_text())
-    a = objects_of(chart.render(values, name="one", namespace="default"))
-    b = objects_of(chart.render(values, name="another-release", namespace="elsewhere"))
-    assert a == b
-    assert {(o["metadata"]["name"], o["metadata"]["namespace"]) for o in a} == {
-        ("grpo-8gpu-config", "rl"), ("grpo-8gpu", "rl")}
+def names(objs: list[dict]) -> set[tuple[str, str]]:
+    return {(o["metadata"]["name"], o["metadata"]["namespace"]) for o in objs}
+
+
+def test_objects_are_named_after_the_release_so_two_releases_never_collide(chart):
+    values = helm.values_from_yaml((ROOT / "manifests/examples/one-node-8gpu.yaml").read_text())  # namespace: rl
+    one, other = (objects_of(chart.render(values, name=n, namespace="team")) for n in ("one", "another-release"))
+    assert names(one) == {("one-config", "rl"), ("one", "rl")}  # the values' namespace wins over -n
+    assert names(other) == {("another-release-config", "rl"), ("another-release", "rl")}
+    fleet = json.loads(config_of(other))
+    assert (fleet["name"], fleet["namespace"]) == ("another-release", "rl")  # the launcher sees its own names
+    cluster = cluster_of(other)
+    assert cluster["headGroupSpec"]["template"]["spec"]["volumes"][0]["configMap"] == {"name": "another-release-config"}
+    assert cluster["headGroupSpec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "another-release"
+
+
+def test_objects_go_to_the_release_namespace_unless_the_values_say_otherwise(chart):
+    for values in ({}, {"namespace": "default"}):
+        objs = objects_of(chart.render(values, name="fleet", namespace="team"))
+        assert names(objs) == {("fleet-config", "team"), ("fleet", "team")}
+        assert json.loads(config_of(objs))["namespace"] == "team"
+    assert names(objects_of(chart.render({"namespace": "rl"}, name="fleet", namespace="team"))) == {
+        ("fleet-config", "rl"), ("fleet", "rl")}
+
+
+@pytest.mark.parametrize("release", ["a" * 41, "9lives", "my.fleet"])
+def test_a_release_name_kuberay_cannot_use_fails_with_the_rule(chart, release):
+    with pytest.raises(helm.HelmRenderError, match=f'release name "{release}": the chart names its objects after the '
+                                                   f"release and KubeRay appends suffixes to them; use a release name"):
+        chart.render({}, name=release, namespace="default")
 
 
 # --- parity beyond the examples: what Helm's value handling changes ------------------------------------
@@ -270,7 +303,7 @@ EDGE_CASES = {
 
 @pytest.mark.parametrize("values", EDGE_CASES.values(), ids=EDGE_CASES.keys())
 def test_chart_matches_the_cli_beyond_the_examples(chart, values):
-    rendered = helm_render(chart, values)
+    rendered = helm_render_as_cli(chart, values)
     helm_objs, cli = objects_of(rendered), cli_objects(values)
     assert_same_objects(helm_objs, cli)
     assert runtime_config(load_spec(json.loads(config_of(helm_objs)))) == runtime_config(
@@ -538,13 +571,14 @@ def test_probe_thresholds_are_derived_from_the_timeouts(chart):
 
 def test_notes_show_what_was_created_and_the_derived_engines(chart):
     values = helm.values_from_yaml((ROOT / "manifests/examples/multi-node-tp2.yaml").read_text())
-    notes = chart.render(values, name=RELEASE, namespace="rl")["rollfleet/templates/NOTES.txt"]
+    notes = chart.render(values, name="grpo-tp2", namespace="rl")["rollfleet/templates/NOTES.txt"]
     assert "RayJob/grpo-tp2" in notes and "ConfigMap/grpo-tp2-config" in notes
     assert "16 engine(s) x TP 2" not in notes  # 2 nodes x 8 GPUs / TP 2 = 8 engines
     assert "8 engine(s) x TP 2" in notes and "world size 17" in notes
-    assert "kubectl logs -n rl job/grpo-tp2" in notes and f"helm test {RELEASE}" in notes
+    assert "kubectl logs -n rl job/grpo-tp2" in notes and "helm test grpo-tp2" in notes
+    assert "rollfleet status grpo-tp2 -n rl" in notes
     assert "Pass `-n" not in notes  # release namespace == values namespace
-    other = chart.render(values, name=RELEASE, namespace="default")["rollfleet/templates/NOTES.txt"]
+    other = chart.render(values, name="grpo-tp2", namespace="default")["rollfleet/templates/NOTES.txt"]
     assert "Pass `-n rl` to helm" in other
 
 
@@ -552,7 +586,7 @@ def test_notes_show_what_was_created_and_the_derived_engines(chart):
 
 def test_hooks(chart):
     values = helm.values_from_yaml((ROOT / "manifests/examples/one-node-8gpu.yaml").read_text())
-    hooks = [o for o in yaml.safe_load_all(helm_render(chart, values)[TEST_HOOKS + "cluster-test.yaml"]) if o]
+    hooks = [o for o in yaml.safe_load_all(helm_render_as_cli(chart, values)[TEST_HOOKS + "cluster-test.yaml"]) if o]
     assert [o["kind"] for o in hooks] == ["ServiceAccount", "Role", "RoleBinding", "Pod"]
     for o in hooks:
         assert o["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -563,12 +597,12 @@ def test_hooks(chart):
     assert pod["spec"]["serviceAccountName"] == "grpo-8gpu-test"
     assert pod["spec"]["containers"][0]["image"] == f"ghcr.io/rollfleet/runtime:{IMAGE_TAG}"
     standing = {**values, "job": {"enabled": False}}
-    role = list(yaml.safe_load_all(helm_render(chart, standing)[TEST_HOOKS + "cluster-test.yaml"]))[1]
+    role = list(yaml.safe_load_all(helm_render_as_cli(chart, standing)[TEST_HOOKS + "cluster-test.yaml"]))[1]
     assert role["rules"][0]["resources"] == ["rayclusters"]
 
 
 def hook_script(chart, values: dict) -> str:
-    (pod,) = [o for o in yaml.safe_load_all(helm_render(chart, values)[TEST_HOOKS + "cluster-test.yaml"])
+    (pod,) = [o for o in yaml.safe_load_all(helm_render_as_cli(chart, values)[TEST_HOOKS + "cluster-test.yaml"])
               if o and o["kind"] == "Pod"]
     return pod["spec"]["containers"][0]["args"][0]
 

@@ -22,8 +22,8 @@ def rayjob(spec: dict, status: dict | None = None) -> dict:
 
 
 @pytest.fixture
-def fake():
-    server = FakeApiServer()
+def fake(crds):
+    server = FakeApiServer(crds=crds)
     server.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns"}})
     return server
 
@@ -63,7 +63,41 @@ def test_status_subresource(fake):
     after = fake.set_status("RayJob", "j", "ns", {"jobStatus": "RUNNING"})
     assert after["status"] == {"jobStatus": "RUNNING"} and after["metadata"]["generation"] == 1
     changed = fake.apply(rayjob({"entrypoint": "y"}), "m")
-    assert changed["metadata"]["generation"] == 2 and changed["status"] == {"jobStatus": "RUNNING"}
+    assert changed["metadata"]["generation"] == 2 and changed["status"]["jobStatus"] == "RUNNING"
+
+
+def raycluster(**group) -> dict:
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "r", "namespace": "ns"},
+            "spec": {"headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": []}}},
+                     "workerGroupSpecs": [{"groupName": "g", "rayStartParams": {}, "replicas": 1,
+                                           "template": {"spec": {"containers": []}}, **group}]}}
+
+
+def test_crd_defaults_are_stored_and_returned(fake):
+    stored = fake.apply(raycluster(), "m")
+    group = stored["spec"]["workerGroupSpecs"][0]
+    assert (group["priority"], group["numOfHosts"], group["minReplicas"], group["maxReplicas"]) == (0, 1, 0, 2147483647)
+    assert fake.get("RayCluster", "r", "ns") == stored
+    assert fake.apply(rayjob({"entrypoint": "x"}), "m")["spec"]["submissionMode"] == "K8sJobMode"
+
+
+def test_an_apply_that_leaves_a_list_default_to_the_server_is_never_a_no_op(fake):
+    """What kube-apiserver showed (DESIGN §11): the list is applied whole, the merge lacks the default,
+    so the no-op check fails and the object is written again, every time."""
+    versions = [fake.apply(raycluster(), "m")["metadata"]["resourceVersion"] for _ in range(3)]
+    assert len(set(versions)) == 3
+    spelled_out = {"priority": 0, "numOfHosts": 1, "minReplicas": 0, "maxReplicas": 2147483647}
+    versions = [fake.apply(raycluster(**spelled_out), "m")["metadata"]["resourceVersion"] for _ in range(3)]
+    assert len(set(versions)) == 1  # the stored object already holds these values: every apply is a no-op
+
+
+def test_unknown_fields_are_pruned_with_a_warning_or_refused_when_strict(fake):
+    typo = {**raycluster(), "spec": {**raycluster()["spec"], "enableInTreeAutoscalng": True}}
+    assert "enableInTreeAutoscalng" not in fake.apply(typo, "m")["spec"]
+    with pytest.raises(ApiError) as exc:
+        fake.apply(typo, "m", validation="Strict")
+    assert exc.value.code == 400
+    assert 'strict decoding error: unknown field "spec.enableInTreeAutoscalng"' in exc.value.message
 
 
 def test_errors_are_worded_like_the_api_server(fake):

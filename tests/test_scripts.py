@@ -59,9 +59,10 @@ def test_kind_smoke_dry_run_runs_the_steps_in_order():
         ["helm", "upgrade", "--install", "rollfleet-smoke", "charts/rollfleet", "-f", "manifests/examples/kind.yaml",
          *context, "--namespace", "default", "--set", "image.repository=ghcr.io/rollfleet/runtime",
          "--set", "image.tag=0.1.0-vllm0.14.1"],
-        [".venv/bin/rollfleet", "status", "-f", "manifests/examples/kind.yaml", "--context", "kind-rollfleet-smoke",
+        # the chart names the objects after the release: status and logs name the fleet that way
+        [".venv/bin/rollfleet", "status", "rollfleet-smoke", "-n", "default", "--context", "kind-rollfleet-smoke",
          "--wait", "complete", "--timeout", "1800"],
-        [".venv/bin/rollfleet", "logs", "-f", "manifests/examples/kind.yaml", "--context", "kind-rollfleet-smoke",
+        [".venv/bin/rollfleet", "logs", "rollfleet-smoke", "-n", "default", "--context", "kind-rollfleet-smoke",
          "--tail", "50"],
         ["kind", "delete", "cluster", "--name", "rollfleet-smoke"],  # the trap's cleanup, last
     ]

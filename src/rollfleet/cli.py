@@ -9,7 +9,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from rollfleet import bench, demo, kube
+from rollfleet import bench, demo
+from rollfleet.deploy import commands as deploy_commands
 from rollfleet.spec import IMAGE_TAG, KUBERAY_VERSION, RAY_VERSION, SpecError
 
 USAGE_ERROR = 2
@@ -115,7 +116,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_kube(args) -> int:
-    return kube.main(args)
+    return deploy_commands.main(args, _spec)
 
 
 def cmd_demo(args) -> int:
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the values JSON Schema (the chart's values.schema.json)")
     p.set_defaults(func=cmd_schema)
 
-    kube.add_commands(sub, _values_args, cmd_kube)
+    deploy_commands.add_commands(sub, _values_args, cmd_kube)
     demo.add_command(sub, cmd_demo)
     bench.add_command(sub, cmd_bench)
     return parser

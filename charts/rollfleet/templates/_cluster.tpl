@@ -110,6 +110,8 @@ limits: {{ toJson $limits }}
   minReplicas: {{ $pool.nodes | int64 }}
   maxReplicas: {{ $pool.nodes | int64 }}
   numOfHosts: 1
+  # KubeRay's CRD defaults it inside workerGroupSpecs, a list applied whole: rendered, so a re-apply is a no-op
+  priority: 0
   rayStartParams: {}
   # Ray custom resource: actors pin to this pool with {"{{ $group }}": n}
   resources:
@@ -192,9 +194,9 @@ headGroupSpec:
           imagePullPolicy: {{ $s.image.pullPolicy | quote }}
           securityContext: {{ include "rollfleet.containerSecurity" false }}
           ports:
-            - {"name": "gcs", "containerPort": 6379}
-            - {"name": "dashboard", "containerPort": 8265}
-            - {"name": "client", "containerPort": 10001}
+            - {"name": "gcs", "containerPort": 6379, "protocol": "TCP"}
+            - {"name": "dashboard", "containerPort": 8265, "protocol": "TCP"}
+            - {"name": "client", "containerPort": 10001, "protocol": "TCP"}
           resources:
             {{- include "rollfleet.resources" (dict "cpu" $s.head.cpu "memory" $s.head.memory
                 "ephemeral" $s.head.ephemeralStorage "extra" (dict)) | nindent 12 }}

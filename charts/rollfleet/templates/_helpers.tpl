@@ -1,20 +1,47 @@
 {{/*
-Names. Objects are named from `name` in the values, not from the release name, so `helm install` and
-`rollfleet deploy` create the same objects from the same values file (the spec limits `name` to 40
-characters because KubeRay appends suffixes). Truncated at 63, the DNS label limit, like every chart.
+Names. Objects are named from the release, so two releases (of one values file or not) never collide;
+`rollfleet deploy` names them from `name` in the values, and the two agree when the release is called
+that. Truncated at 63, the DNS label limit, like every chart; KubeRay appends suffixes to what it
+creates from a RayJob/RayCluster, so a name must also pass the values' `name` rule (a DNS-1035 label of
+at most 40 characters): a longer or invalid release name fails here rather than being cut, which could
+make two releases collide.
 */}}
-{{- define "rollfleet.name" -}}
-{{- .Values.name | toString | trunc 63 | trimSuffix "-" }}
+{{- define "rollfleet.fullname" -}}
+{{- $name := .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- if or (not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name)) (gt (len $name) 40) }}
+{{- fail (printf "release name %s: the chart names its objects after the release and KubeRay appends suffixes to them; use a release name that starts with a lowercase letter, then lowercase letters, digits and '-', at most 40 characters" (quote $name)) }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/*
+The namespace of every object: `namespace` in the values when they set it (to anything but the
+default, "default"), else the release's (`helm install -n`), as platform teams install charts.
+*/}}
+{{- define "rollfleet.namespace" -}}
+{{- $values := toString (.Values.namespace | default "default") }}
+{{- if ne $values "default" }}{{ $values }}{{ else }}{{ .Release.Namespace }}{{ end }}
 {{- end }}
 
 {{/* The runtime-config ConfigMap (rollfleet.render.config_name). */}}
 {{- define "rollfleet.configName" -}}
-{{- printf "%s-config" (include "rollfleet.name" .) | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-config" (include "rollfleet.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{/* The `helm test` pod and its RBAC. */}}
 {{- define "rollfleet.testName" -}}
-{{- printf "%s-test" (include "rollfleet.name" .) | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-test" (include "rollfleet.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The runtime config as the ConfigMap carries it (fleet.json): rollfleet.config with the fleet's name and
+namespace as this release has them, so the launcher sees the objects' own names.
+*/}}
+{{- define "rollfleet.runtimeConfig" -}}
+{{- $c := include "rollfleet.config" . | fromJson }}
+{{- $_ := set $c "name" (include "rollfleet.fullname" .) }}
+{{- $_ := set $c "namespace" (include "rollfleet.namespace" .) }}
+{{- toPrettyJson $c }}
 {{- end }}
 
 {{/* Chart name and version, the value of the helm.sh/chart label. */}}
@@ -31,7 +58,7 @@ Call with (dict "ctx" $ "component" "head" "extra" $labels).
 {{- define "rollfleet.labels" -}}
 {{- $standard := dict
   "app.kubernetes.io/name" "rollfleet"
-  "app.kubernetes.io/instance" (include "rollfleet.name" .ctx)
+  "app.kubernetes.io/instance" (include "rollfleet.fullname" .ctx)
   "app.kubernetes.io/component" .component
   "app.kubernetes.io/managed-by" .ctx.Release.Service }}
 {{- toYaml (merge $standard (.extra | default dict)) }}
@@ -108,7 +135,7 @@ YAML: the RayJob's runtimeEnvYAML (rollfleet.spec.RuntimeEnv.ray + render.go_jso
 
 {{/* The labels that select every pod of this fleet (rollfleet.render.fleet_selector). */}}
 {{- define "rollfleet.fleetSelector" -}}
-{{- toJson (dict "app.kubernetes.io/name" "rollfleet" "app.kubernetes.io/instance" (include "rollfleet.name" .)) }}
+{{- toJson (dict "app.kubernetes.io/name" "rollfleet" "app.kubernetes.io/instance" (include "rollfleet.fullname" .)) }}
 {{- end }}
 
 {{/* A namespaceSelector for one namespace, or every namespace for null (rollfleet.render.namespace_selector). */}}
@@ -116,7 +143,8 @@ YAML: the RayJob's runtimeEnvYAML (rollfleet.spec.RuntimeEnv.ray + render.go_jso
 {{- if . }}{{ toJson (dict "matchLabels" (dict "kubernetes.io/metadata.name" .)) }}{{ else }}{}{{ end }}
 {{- end }}
 
-{{/* Gang-scheduling labels of the RayJob/RayCluster (rollfleet.render.gang_labels), as a dict in JSON. */}}
+{{/* Gang-scheduling labels of the RayJob/RayCluster (rollfleet.render.gang_labels), as a dict in JSON.
+Call with the runtime config (rollfleet.runtimeConfig: `name` is the release's). */}}
 {{- define "rollfleet.gangLabels" -}}
 {{- $gang := .gangScheduling }}
 {{- $out := dict }}
