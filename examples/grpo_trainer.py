@@ -83,6 +83,7 @@ def main(ctx):
     history = []
     for step in range(1, steps + 1):
         batch = rollouts.take(len(mine), version=ctx.version)  # none older than rollout.maxStaleness
+        ctx.release()  # the colocated layout: the engine on this GPU sleeps while the rank trains
         loss, total = loss_of(model, batch, ctx.device)
         optimizer.zero_grad()
         loss.backward()

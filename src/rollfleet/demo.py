@@ -14,6 +14,7 @@ import sys
 from importlib import resources
 
 LOCAL_VALUES = "local.yaml"
+COLOCATED_VALUES = "local-colocated.yaml"  # `rollfleet demo --colocated`
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -21,10 +22,11 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"
            "RAY_raylet_start_wait_time_s": "120"}
 
 
-def local_spec(sets: list[str] = ()):
+def local_spec(sets: list[str] = (), colocated: bool = False):
     from rollfleet.render import load_values
 
-    with resources.as_file(resources.files("rollfleet") / "examples" / LOCAL_VALUES) as path:
+    name = COLOCATED_VALUES if colocated else LOCAL_VALUES
+    with resources.as_file(resources.files("rollfleet") / "examples" / name) as path:
         return load_values(path, list(sets))
 
 
@@ -35,8 +37,9 @@ def start_local_ray(spec, extra_cpus: int = 2, runtime_env: dict | None = None):
     import ray
 
     # address="local": always a new local Ray, never one found via `ray start` or RAY_ADDRESS
-    ray.init(address="local", num_cpus=spec.engines + spec.pools.trainer.gpus + extra_cpus, num_gpus=0,
-             resources={"trainer": spec.pools.trainer.gpus, "inference": spec.engines},
+    ranks = spec.trainer_pool.gpus
+    ray.init(address="local", num_cpus=spec.engines + ranks + extra_cpus, num_gpus=0,
+             resources={"trainer": ranks, "inference": spec.inference_pool.gpus},
              include_dashboard=False, logging_level="ERROR", log_to_driver=True, runtime_env=runtime_env)
     return ray
 
@@ -45,16 +48,25 @@ def add_command(sub, func) -> None:
     p = sub.add_parser("demo", help="run the runtime on a local Ray with CPU stand-in engines (no GPU)")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a value of the local profile, e.g. --set job.steps=5")
+    p.add_argument("--colocated", action="store_true",
+                   help="the colocated layout (manifests/examples/local-colocated.yaml): each trainer rank and its "
+                        "engine share a slot, the engine sleeps while the rank trains, weights through shared memory")
     p.set_defaults(func=func)
 
 
 def main(args) -> int:
     from rollfleet.runtime import launch, tiny
 
-    spec = local_spec(args.set)
-    print(f"rollfleet demo: {spec.engines} engines (CPU STAND-IN for vLLM, gloo in place of NCCL) + "
-          f"{spec.pools.trainer.gpus} trainer ranks, {spec.job.steps} asynchronous GRPO steps, model "
-          f"{spec.model.name}", flush=True)
+    colocated = getattr(args, "colocated", False)
+    spec = local_spec(args.set, colocated)
+    if colocated:
+        print(f"rollfleet demo (colocated): {spec.engines} slots, each a trainer rank + a CPU STAND-IN engine "
+              f"(shared memory in place of CUDA IPC), {spec.job.steps} synchronous GRPO steps, model "
+              f"{spec.model.name}", flush=True)
+    else:
+        print(f"rollfleet demo: {spec.engines} engines (CPU STAND-IN for vLLM, gloo in place of NCCL) + "
+              f"{spec.trainer_pool.gpus} trainer ranks, {spec.job.steps} asynchronous GRPO steps, model "
+              f"{spec.model.name}", flush=True)
     model = str(tiny.ensure())
     try:
         ray = start_local_ray(spec)
@@ -74,4 +86,4 @@ def main(args) -> int:
 if __name__ == "__main__":
     import argparse
 
-    sys.exit(main(argparse.Namespace(set=[])))
+    sys.exit(main(argparse.Namespace(set=[], colocated=False)))

@@ -74,6 +74,7 @@ class VllmCore:
             # never "ray" inside a Ray actor (vllm#30016): an engine stays on one node
             distributed_executor_backend="uni" if tp == 1 else "mp",
             worker_extension_cls=EXTENSION, disable_log_stats=True,
+            enable_sleep_mode=spec.colocated,  # the engine sleeps while the trainer trains on its GPU
             **{k: x for k, x in optional.items() if x is not None}, **v.extra_engine_args)
         self.llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model, revision=spec.model.revision)
@@ -114,6 +115,17 @@ class VllmCore:
     async def call(self, fn: Callable, args: tuple) -> list[Any]:
         """`fn(worker, *args)` in every TP worker (benchmarks and tests; needs insecure serialization)."""
         return await self.llm.collective_rpc(fn, args=args)
+
+    async def sleep(self, level: int) -> None:
+        await self.llm.sleep(level=level)
+
+    async def wake_up(self, tags: list[str]) -> None:
+        await self.llm.wake_up(tags=tags)
+
+    async def load_ipc(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        """One colocated handoff call (ipc.load) in every worker."""
+        return await self.llm.collective_rpc("rollfleet_ipc_load", timeout=self.spec.sync.timeout_seconds,
+                                             args=(msg,))
 
     async def shutdown(self) -> None:
         self.llm.shutdown()
@@ -166,6 +178,8 @@ class Scheduler:
         self.cond = threading.Condition()
         self.counts = {"admitted": 0, "completed": 0, "aborted": 0}  # samples
         self.last_push: dict[str, Any] | None = None
+        self.asleep = False
+        self._ipc_started = 0.0
 
     def enter(self, phase: str) -> None:
         self.phase, self.since = phase, time.time()
@@ -291,6 +305,62 @@ class Scheduler:
             "paused_seconds": done - t0}
         return self.last_push
 
+    # ---- the colocated layout (the loop) ------------------------------------------------------
+
+    async def sleep(self) -> None:
+        """Free the GPU for the trainer: stop admitting, drain, vLLM sleep level 2 (weights and KV
+        discarded: the next push replaces the weights). Requests that arrive meanwhile wait for it."""
+        self.admitting = False
+        if self.running:
+            self.enter("draining")
+            await self.idle.wait()
+        if not self.asleep:
+            await self.core.sleep(2)
+            self.asleep = True
+        self.enter("asleep")
+
+    async def push_ipc(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """One call of a colocated push (ipc.IpcSender): the first wakes the weights, every call loads
+        what it carries, the last wakes the KV cache, resets the prefix cache and stamps the version."""
+        if self.failed:
+            raise sync.SyncError(self.failed)
+        try:
+            if msg["first"]:
+                self._ipc_started = time.perf_counter()
+                self.admitting = False
+                if self.running:
+                    self.enter("draining")
+                    await self.idle.wait()
+                self.enter("receiving")
+                if self.asleep:
+                    await self.core.wake_up(["weights"])
+            t0 = time.perf_counter()
+            workers = await self.core.load_ipc(msg)
+            ack = {"engine": self.index, "workers": workers, "load_rpc_seconds": time.perf_counter() - t0}
+            if msg["last"]:
+                t1 = time.perf_counter()
+                if self.asleep:
+                    await self.core.wake_up(["kv_cache"])
+                    self.asleep = False
+                if not await self.core.reset_prefix_cache():
+                    raise sync.SyncError(f"engine {self.index}: reset_prefix_cache() returned False after push "
+                                         f"v{msg['version']}; stale KV would corrupt rollouts")
+                self.version = msg["version"]
+                self.admitting = True
+                self.enter("ready")
+                self.admit()
+                ack.update(version=msg["version"], policy="wait", wake_reset_seconds=time.perf_counter() - t1,
+                           paused_seconds=time.perf_counter() - self._ipc_started)
+                self.last_push = ack
+            return ack
+        except BaseException as exc:
+            reason = (f"engine {self.index}: push v{msg['version']} failed ({type(exc).__name__}: {exc}); its "
+                      f"weights are undefined: restart the fleet")
+            self.fail(reason)
+            if isinstance(exc, Exception):
+                raise sync.SyncError(reason) from None
+            raise
+
     def fail(self, reason: str) -> None:
         """After a failed push: fail every request, refuse new ones, report the broken group."""
         self.failed = reason
@@ -308,7 +378,9 @@ class EngineActor:
     """One rollout engine. Create with `ray.remote(EngineActor).options(max_concurrency=32, ...)`:
     Ray runs its methods on separate threads, so `health()` never waits for the others."""
 
-    def __init__(self, spec_json: dict[str, Any], index: int, model: str):
+    def __init__(self, spec_json: dict[str, Any], index: int, model: str, devices: list[str] | None = None):
+        if devices is not None:  # colocated: the GPU(s) of this engine's trainer rank (before any CUDA use)
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
         self.spec = load_spec(spec_json)
         self.index, self.model = index, model
         self.core: Any = None
@@ -432,3 +504,15 @@ class EngineActor:
     def call(self, fn: Callable, *args: Any) -> list[Any]:
         """`fn(worker, *args)` in every TP worker, one result each (benchmarks and tests)."""
         return self._run(self.core.call(fn, args), self.spec.sync.timeout_seconds, "call")
+
+    # ---- the colocated layout ---------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Before the trainer rank on this GPU trains: drain, then vLLM sleep level 2."""
+        t = self.spec.timeouts.health_seconds
+        self._run(self.sched.sleep(), t, "sleep (timeouts.healthSeconds)")
+
+    def receive_ipc(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """One call of a colocated push from the trainer rank on this GPU (ipc.IpcSender)."""
+        t = self.spec.sync.timeout_seconds
+        return self._run(self.sched.push_ipc(msg), t + 5, "colocated push (sync.timeoutSeconds)")

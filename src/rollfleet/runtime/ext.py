@@ -31,3 +31,12 @@ class WeightSyncExtension:
         sums = sync.receive(sync.Push.from_wire(push), self.rollfleet_transport,
                             lambda weights: model.load_weights(weights=weights), time.monotonic() + timeout_s)
         return {"checksums": sums, "seconds": time.perf_counter() - t0}
+
+    def rollfleet_ipc_load(self, msg: dict) -> dict:
+        """One colocated handoff call: open the trainer rank's CUDA IPC handles (once), load views of
+        them with load_weights (ipc.load)."""
+        from rollfleet.runtime import ipc
+
+        model = self.model_runner.model
+        cache = self.__dict__.setdefault("rollfleet_ipc_cache", {})
+        return ipc.load(msg, cache, lambda weights: model.load_weights(weights=weights), self.device)

@@ -97,20 +97,31 @@ class Fleet:
         self.version = 0  # the newest version this process pushed (WeightSender)
 
     @classmethod
-    def start(cls, spec: FleetSpec, model: str | None = None) -> Fleet:
-        """Reserve one placement group per engine on the inference pool and start the engines,
-        waiting up to timeouts.initSeconds in all."""
+    def start(cls, spec: FleetSpec, model: str | None = None, trainers: Any = None) -> Fleet:
+        """Start the engines, waiting up to timeouts.initSeconds in all: one placement group per engine
+        on the inference pool, or (colocated) engine i in the bundle of trainer rank i of `trainers`
+        (a started TrainerGroup), on its GPU."""
         import ray
 
         deadline = time.monotonic() + spec.timeouts.init_seconds
         model = model or tiny.resolve(spec.model.name)
         print(f"[rollfleet] waiting up to {spec.timeouts.init_seconds} s (timeouts.initSeconds) for "
-              f"{spec.engines} {spec.engine} engine(s) × TP {spec.vllm.tensor_parallel_size}", flush=True)
-        groups = placement.reserve_engines(spec, spec.timeouts.init_seconds)
+              f"{spec.engines} {spec.engine} engine(s) × TP {spec.vllm.tensor_parallel_size}"
+              + (", each on a trainer rank's GPU (colocated)" if spec.colocated else ""), flush=True)
         actor = ray.remote(EngineActor)
         config = runtime_config(spec)
-        engines = [actor.options(**placement.engine_options(spec, g)).remote(config, i, model)
-                   for i, g in enumerate(groups)]
+        if spec.colocated:
+            if trainers is None:
+                raise ValueError("the colocated layout starts its engines next to a started TrainerGroup")
+            per_node = spec.trainer_pool.gpus_per_node
+            groups = []  # the trainer group owns the placement groups
+            engines = [actor.options(**placement.colocated_engine_options(
+                spec, trainers.groups[i // per_node], i % per_node)).remote(config, i, model, trainers.infos[i]["gpus"])
+                for i in range(spec.engines)]
+        else:
+            groups = placement.reserve_engines(spec, spec.timeouts.init_seconds)
+            engines = [actor.options(**placement.engine_options(spec, g)).remote(config, i, model)
+                       for i, g in enumerate(groups)]
         fleet = cls(spec, engines, groups)
         try:
             infos = gather([e.start.remote() for e in engines], deadline, "engine start",
@@ -123,19 +134,25 @@ class Fleet:
                   f"gpus={info['gpus']}", flush=True)
         return fleet
 
-    def rollouts(self) -> Rollouts:
-        """A new rollout client (its own queue on every engine): submit, results, take."""
-        return Rollouts(self)
+    def rollouts(self, engines: list[int] | None = None) -> Rollouts:
+        """A new rollout client (its own queue on each engine; all engines, or the ones given): submit,
+        results, take."""
+        return Rollouts(self, engines)
 
     def generate(self, prompts: Iterable[Any], params: dict[str, Any] | None = None,
-                 timeout_s: float | None = None) -> list[Completion]:
+                 timeout_s: float | None = None, engines: list[int] | None = None) -> list[Completion]:
         """Blocking: one Completion per prompt, in order. A prompt is text, token ids, chat messages
         or a Request; `params` are the sampling params of the non-Request ones."""
-        with self.rollouts() as client:
+        with self.rollouts(engines) as client:
             return client.generate([_prompt_request(p, params) for p in prompts], timeout_s)
 
-    def sender(self, device: Any = None) -> WeightSender:
-        """Call inside trainer rank 0: forms the sync group with every engine worker."""
+    def sender(self, device: Any = None, rank: int = 0) -> Any:
+        """Call inside trainer rank 0: forms the sync group with every engine worker. Colocated: every
+        rank calls it and gets the handoff to the engine on its own GPU (ipc.IpcSender)."""
+        if self.spec.colocated:
+            from rollfleet.runtime.ipc import IpcSender
+
+            return IpcSender(self, rank, device or "cpu")
         return WeightSender(self, device)
 
     def health(self, timeout_s: float | None = None) -> list[dict[str, Any]]:

@@ -23,10 +23,10 @@ def run(spec: FleetSpec, model: str | None = None) -> int:
     from rollfleet.runtime.trainer_group import BUILTIN, TrainerGroup
 
     model = model or tiny.resolve(spec.model.name)
-    fleet = Fleet.start(spec, model)
-    group = None
+    group = TrainerGroup.start(spec)  # first: colocated engines go next to their ranks, on their GPUs
+    fleet = None
     try:
-        group = TrainerGroup.start(spec)
+        fleet = Fleet.start(spec, model, trainers=group)
         if spec.job.entrypoint:  # rank 0's return: an int is the exit code, anything else is printed
             result = group.run(fleet, spec.job.entrypoint, timeout_s=spec.job.active_deadline_seconds,
                                setting="job.activeDeadlineSeconds")
@@ -36,7 +36,7 @@ def run(spec: FleetSpec, model: str | None = None) -> int:
                 print("ROLLFLEET_RESULT " + json.dumps(result, default=str), flush=True)
             return 0
         t0 = time.monotonic()
-        ranks = spec.pools.trainer.gpus
+        ranks = spec.trainer_pool.gpus
         print(f"trainer group: {ranks} rank(s); " + (
             f"weights sharded with FSDP2 (fully_shard per decoder layer + root) across the {ranks} ranks, gradients "
             f"averaged, gathered tensor by tensor for each push from rank 0" if ranks > 1 else
@@ -53,9 +53,9 @@ def run(spec: FleetSpec, model: str | None = None) -> int:
         print("ROLLFLEET_RESULT " + json.dumps(rows), flush=True)
         return 0 if ok else 1
     finally:
-        if group is not None:
-            group.shutdown()
-        fleet.shutdown()
+        if fleet is not None:
+            fleet.shutdown()
+        group.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,9 @@ def engine_bundle(spec: FleetSpec) -> dict[str, float]:
 
 
 def trainer_bundle(spec: FleetSpec) -> dict[str, float]:
-    return {"GPU": 1, "CPU": 1, "trainer": 1} if spec.engine == "vllm" else {"CPU": 1, "trainer": 1}
+    """One trainer rank's GPU; in the colocated layout its engine shares the bundle (one more CPU)."""
+    cpus = 2 if spec.colocated else 1
+    return {"GPU": 1, "CPU": cpus, "trainer": 1} if spec.engine == "vllm" else {"CPU": cpus, "trainer": 1}
 
 
 def _reserve(spec: FleetSpec, bundles: list[list[dict[str, float]]], what: str, timeout_s: float) -> list[Any]:
@@ -65,7 +67,7 @@ def reserve_engines(spec: FleetSpec, timeout_s: float) -> list[Any]:
 
 def reserve_trainers(spec: FleetSpec, timeout_s: float) -> list[Any]:
     """One placement group per trainer node, a bundle per GPU: ranks go node by node."""
-    pool = spec.pools.trainer
+    pool = spec.trainer_pool
     return _reserve(spec, [[trainer_bundle(spec)] * pool.gpus_per_node] * pool.nodes, "trainer", timeout_s)
 
 
@@ -85,9 +87,16 @@ def engine_options(spec: FleetSpec, group: Any) -> dict[str, Any]:
     }
 
 
+def colocated_engine_options(spec: FleetSpec, group: Any, bundle: int) -> dict[str, Any]:
+    """An engine in the bundle of the trainer rank it shares a GPU with. It asks Ray for no GPU (the rank
+    holds it); EngineActor makes that GPU visible itself (its `devices` argument)."""
+    return {"num_gpus": 0, "num_cpus": 1, "max_concurrency": 32, "runtime_env": actor_env(spec),
+            "scheduling_strategy": _in(group, bundle)}
+
+
 def trainer_options(spec: FleetSpec, group: Any, bundle: int) -> dict[str, Any]:
-    b = trainer_bundle(spec)
-    return {"num_gpus": b.get("GPU", 0), "num_cpus": b["CPU"], "resources": {"trainer": 1},
+    b = trainer_bundle(spec)  # (its second CPU, in the colocated layout, is the engine's)
+    return {"num_gpus": b.get("GPU", 0), "num_cpus": 1, "resources": {"trainer": 1},
             "runtime_env": actor_env(spec), "scheduling_strategy": _in(group, bundle)}
 
 

@@ -171,9 +171,10 @@ def describe(exc: BaseException) -> str:
 class Rollouts:
     """One rollout client. Thread-safe: one thread may submit while another takes results."""
 
-    def __init__(self, fleet):
+    def __init__(self, fleet, engines: list[int] | None = None):
         self.fleet = fleet
-        self.engines = fleet.engines
+        self.indices = list(range(len(fleet.engines))) if engines is None else list(engines)
+        self.engines = [fleet.engines[i] for i in self.indices]
         self.spec = fleet.spec
         self.client = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
@@ -232,7 +233,7 @@ class Rollouts:
                         self._send(by_engine)
                         by_engine = {}
                     self._lock.wait(min(left, 0.5))
-                engine = min(range(len(self.engines)), key=lambda i: (self._inflight[i], i))
+                engine = min(range(len(self.engines)), key=lambda i: (self._inflight[i], i))  # a position
                 self._inflight[engine] += n
                 self._pending[w["id"]] = (r, n)
                 by_engine.setdefault(engine, []).append(w)
@@ -248,7 +249,7 @@ class Rollouts:
             try:
                 ray.get(ref, timeout=self.spec.timeouts.health_seconds)
             except Exception as exc:
-                raise RolloutError(f"submit: engine {i} failed: {describe(exc)}") from None
+                raise RolloutError(f"submit: engine {self.indices[i]} failed: {describe(exc)}") from None
 
     # ---- receive ------------------------------------------------------------------------------
 
@@ -275,7 +276,7 @@ class Rollouts:
                 except Exception as exc:
                     with self._lock:
                         held = self._inflight[i]
-                    raise RolloutError(f"engine {i} failed with {held} sample(s) of this client in flight: "
+                    raise RolloutError(f"engine {self.indices[i]} failed with {held} sample(s) of this client in flight: "
                                        f"{describe(exc)}; engines are not restarted, restart the fleet") from None
                 self._arrived(i, items)
 
@@ -286,7 +287,7 @@ class Rollouts:
                 request, n = self._pending.pop(item["id"])
                 self._inflight[engine] -= n
                 if item.get("error"):
-                    errors.append(f"request {item['id']} (tag {request.tag!r}) failed on engine {engine}: "
+                    errors.append(f"request {item['id']} (tag {request.tag!r}) failed on engine {self.indices[engine]}: "
                                   f"{item['error']}")
                     continue
                 c = completion(item, request.tag)
@@ -312,7 +313,7 @@ class Rollouts:
                     return None
             if time.monotonic() > deadline:
                 with self._lock:
-                    load = {f"engine {i}": n for i, n in enumerate(self._inflight) if n}
+                    load = {f"engine {self.indices[i]}": n for i, n in enumerate(self._inflight) if n}
                 raise RolloutError(f"{what}: no result for {timeout_s:g} s (timeouts.healthSeconds) with samples in "
                                    f"flight {load}; check fleet.health() and the engines' logs, or raise the timeout")
             before = self.stats["completed"]

@@ -259,6 +259,30 @@ class StandinCore:
             c.recompute = True
         return True
 
+    async def sleep(self, level: int) -> None:
+        """vLLM's sleep: level 1+ drops the KV (the prefix cache); level 2 also discards the weights
+        (zeroed here: a wake without a load would generate from garbage, as vLLM would)."""
+        self.prefix.clear()
+        if level >= 2:
+            with torch.no_grad():
+                for p in self.params.values():
+                    p.zero_()
+
+    async def wake_up(self, tags: list[str]) -> None:
+        """The memory was never given back on CPU: nothing to allocate."""
+
+    async def load_ipc(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        """One colocated handoff call (ipc.load) from shared memory; the scheduler does not step meanwhile."""
+        from rollfleet.runtime import ipc
+
+        self.paused = True
+        try:
+            cache = self.__dict__.setdefault("ipc_cache", {})
+            return [await asyncio.to_thread(ipc.load, msg, cache, self.load_weights)]
+        finally:
+            self.paused = False
+            self._wake.set()
+
     async def call(self, fn: Callable, args: tuple) -> list[Any]:
         """Run `fn(self, *args)` as vLLM's collective_rpc runs a callable in each worker (one here)."""
         return [fn(self, *args)]

@@ -6,6 +6,8 @@ even id), so that every step changes the weights.
 
 * The model is sharded with FSDP2 (`fully_shard` per decoder layer, then the root) over every rank;
   gradients are averaged across ranks; `ctx.push(model)` gathers it and rank 0 streams it.
+* Colocated layout: `ctx.release()` puts the engine on this rank's GPU to sleep before the optimizer
+  step; the push wakes it (rollout.maxStaleness is 0 there, so nothing is in flight meanwhile).
 * Asynchronous: the prompts of step k + 1 + rollout.maxStaleness are submitted right after push k,
   so generation runs while steps train; `take(version=...)` guarantees no group is older than
   rollout.maxStaleness versions. Each rank generates and trains its own share of the prompts.
@@ -91,7 +93,7 @@ def grpo(ctx) -> list[dict[str, Any]] | None:
     for step in range(1, min(1 + ahead, steps) + 1):
         submit(step)
     check = PROMPTS[:2]
-    previous = [s.token_ids for c in ctx.fleet.generate(check, CHECK) for s in c.samples] if ctx.rank == 0 else None
+    previous = [s.token_ids for c in ctx.generate(check, CHECK) for s in c.samples] if ctx.rank == 0 else None
     pad = 0  # any token id: padded positions are masked out
     rows = []
     t_last = time.perf_counter()
@@ -101,6 +103,7 @@ def grpo(ctx) -> list[dict[str, Any]] | None:
             now = time.perf_counter()
             tokens = sum(len(s.token_ids) for c in batch for s in c.samples)
             staleness = max(c.staleness(ctx.version) for c in batch)
+            ctx.release()  # colocated: the engine on this GPU sleeps while the rank trains
             loss = grpo_loss(model, batch, ctx.device, pad)
             optimizer.zero_grad()
             loss.backward()
@@ -110,7 +113,7 @@ def grpo(ctx) -> list[dict[str, Any]] | None:
                 submit(step + 1 + ahead)
             if ctx.rank != 0:
                 continue
-            after = ctx.fleet.generate(check, CHECK)
+            after = ctx.generate(check, CHECK)
             ids = [s.token_ids for c in after for s in c.samples]
             row = {"step": step, "version": stats.version, "policy": spec.sync.inflight, "staleness": staleness,
                    "queue": rollouts.outstanding, "tokens_per_s": round(tokens / (now - t_last), 1),

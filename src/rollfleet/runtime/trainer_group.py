@@ -66,7 +66,7 @@ class TrainerContext:
     device: Any  # torch.device of this rank
     spec: FleetSpec
     fleet: Any  # the Fleet: rollouts(), generate(), health()
-    sender: Any = None  # rank 0: the WeightSender; other ranks: None
+    sender: Any = None  # rank 0: the WeightSender; other ranks: None (colocated: every rank, ipc.IpcSender)
     version: int = 0  # pushes done: the policy version of the weights being trained
     report: Callable[[dict[str, Any]], None] = print  # rank 0: one row per step, printed by the launcher
 
@@ -93,8 +93,27 @@ class TrainerContext:
         self.version += 1
         return stats
 
+    @property
+    def engines(self) -> list[int] | None:
+        """The engines this rank's rollouts go to: all of them, or (colocated) the one on its GPU, which
+        sleeps when this rank trains (another rank's requests would wait there for its next push)."""
+        return [self.rank] if self.spec.colocated else None
+
     def rollouts(self):
-        return self.fleet.rollouts()
+        """A rollout client on this rank's engines (`engines`)."""
+        return self.fleet.rollouts(self.engines)
+
+    def generate(self, prompts, params=None, timeout_s=None):
+        """fleet.generate on this rank's engines."""
+        return self.fleet.generate(prompts, params, timeout_s, self.engines)
+
+    def release(self) -> None:
+        """Call before training: in the colocated layout the engine on this rank's GPU drains and sleeps
+        (vLLM sleep level 2) so training gets the memory; the next `push` wakes it. Dedicated: nothing."""
+        if self.spec.colocated:
+            import ray
+
+            ray.get(self.fleet.engines[self.rank].sleep.remote(), timeout=self.spec.timeouts.health_seconds + 5)
 
 
 class TrainerRank:
@@ -126,7 +145,7 @@ class TrainerRank:
 
         gpu = self.spec.engine == "vllm"
         os.environ.update(RANK=str(self.rank), LOCAL_RANK=str(self.local_rank), WORLD_SIZE=str(self.world_size),
-                          LOCAL_WORLD_SIZE=str(self.spec.pools.trainer.gpus_per_node), MASTER_ADDR=host,
+                          LOCAL_WORLD_SIZE=str(self.spec.trainer_pool.gpus_per_node), MASTER_ADDR=host,
                           MASTER_PORT=str(port))
         if gpu:
             torch.cuda.set_device(0)  # Ray made this rank's GPU the only visible one
@@ -148,8 +167,8 @@ class TrainerRank:
         device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
         ctx = TrainerContext(self.rank, self.local_rank, self.world_size, ray.util.get_node_ip_address(), device,
                              self.spec, fleet, report=(lambda row: report.put(row)) if report is not None else print)
-        if self.rank == 0:
-            ctx.sender = fleet.sender(device)
+        if self.rank == 0 or self.spec.colocated:
+            ctx.sender = fleet.sender(device, self.rank)
         return fn(ctx)
 
 
@@ -163,7 +182,7 @@ class TrainerGroup:
     def start(cls, spec: FleetSpec) -> TrainerGroup:
         import ray
 
-        pool = spec.pools.trainer
+        pool = spec.trainer_pool
         world = pool.gpus
         timeout_s = spec.sync.timeout_seconds
         groups = placement.reserve_trainers(spec, spec.timeouts.init_seconds)
