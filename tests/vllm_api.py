@@ -1,7 +1,8 @@
 """Every vLLM surface the rollfleet runtime touches, declared once, as plain data.
 
-The runtime must work with vLLM 0.14.1 (the image pin) and 0.20.2 (the GPU test host).
-tests/test_vllm_compat.py reads both real wheels from PyPI (only the needed .py files, never
+The runtime must work with vLLM 0.14.1 (the image pin), the 0.16 and 0.17 lines (vLLM's own weight
+transfer: NCCL from 0.16, IPC and sleep(level=0) from 0.17) and 0.20.2 (the GPU test host).
+tests/test_vllm_compat.py reads the real wheels from PyPI (only the needed .py files, never
 installed) and checks every `Use` below against each; it also AST-scans src/rollfleet/**/*.py
 and fails when the runtime imports, calls or passes a keyword to a vLLM name not declared here.
 So: when the runtime starts using something new from vLLM, add one line here.
@@ -25,6 +26,9 @@ Kinds (what the test checks, in each version):
 
 `versions` (default: all of VERSIONS) limits a Use to some versions, for the rare surface the runtime
 must reach differently per version (it then branches on what it finds, e.g. `dataclasses.fields`).
+Such a Use must hold in exactly those versions and fail in the others (the test checks both), so
+`versions` says which line has what; each one cites where the wheel's source shows the difference
+(file:line, per version).
 
 `params` reads like the call site's view of a signature: names before "*" are passed positionally,
 in that order; names after "*" by keyword; "**" means the runtime relies on a **kwargs catch-all
@@ -36,8 +40,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The vLLM versions the runtime supports: the image pin and the GPU test host's.
-VERSIONS = ("0.14.1", "0.20.2")
+# The vLLM versions the runtime supports: the image pin, the first line with vLLM's own weight
+# transfer (0.16, NCCL), the first with its IPC backend and sleep(level=0) (0.17), the GPU test host's.
+VERSIONS = ("0.14.1", "0.16.0", "0.17.1", "0.20.2")
 
 MODULE = "module"
 EXPORT = "export"
@@ -142,11 +147,12 @@ USES: tuple[Use, ...] = (
         values=("reset_running_requests", "_preempt_request")),
     # collective_rpc(callable): the engine core runs a function in each worker (Fleet.call, benchmarks)
     Use(SOURCE, "vllm.v1.serial_utils", values=("cloudpickle", "FunctionType", "VLLM_ALLOW_INSECURE_SERIALIZATION")),
-    # prompts are {"prompt_token_ids": [...], "cache_salt": "..."}: a TokensPrompt as a plain dict
+    # prompts are {"prompt_token_ids": [...], "cache_salt": "..."}: a TokensPrompt as a plain dict. Its keys
+    # are TypedDict fields, `cache_salt` inherited from _PromptOptions from 0.16 on (the module moved from
+    # vllm.inputs.data to vllm.inputs.llm in 0.20: see DIFFERENCES); vllm.inputs exports it in all four
     Use(EXPORT, "vllm.inputs", "TokensPrompt"),
-    Use(SOURCE, "vllm.inputs.data", "TokensPrompt", values=("prompt_token_ids", "cache_salt"), versions=("0.14.1",)),
-    Use(SOURCE, "vllm.inputs.llm", "TokensPrompt", values=("prompt_token_ids",), versions=("0.20.2",)),
-    Use(SOURCE, "vllm.inputs.llm", "_PromptOptions", values=("cache_salt",), versions=("0.20.2",)),
+    Use(FIELD, "vllm.inputs", "TokensPrompt.prompt_token_ids"),
+    Use(FIELD, "vllm.inputs", "TokensPrompt.cache_salt"),
     # executor backend and the worker extension (worker_extension_cls="rollfleet.runtime.ext...")
     Use(LITERALS, "vllm.config", "ParallelConfig.distributed_executor_backend", values=("uni", "mp")),
     Use(FIELD, "vllm.config", "ParallelConfig.worker_extension_cls"),
@@ -163,9 +169,11 @@ USES: tuple[Use, ...] = (
     Use(ATTR, _OUT, "CompletionOutput.finish_reason"),
     Use(FIELD, "vllm.logprobs", "Logprob.logprob"),
     # weight sync transport (sync.py): StatelessProcessGroup + PyNcclCommunicator.
-    # 0.14.1's dataclass has a required `socket` field that 0.20.2 dropped: sync.make_transport
-    # passes socket=None only where `dataclasses.fields` shows it
-    Use(CALL, _DU, "StatelessProcessGroup", ("*", "rank", "world_size", "store", "socket"), versions=("0.14.1",)),
+    # The dataclass has a required `socket` field up to 0.17 (vllm/distributed/utils.py:155 in 0.14.1,
+    # :154 in 0.16.0 and 0.17.1) that 0.20 dropped (0.20.2's class, utils.py:167, has none):
+    # sync.make_transport passes socket=None only where `dataclasses.fields` shows it
+    Use(CALL, _DU, "StatelessProcessGroup", ("*", "rank", "world_size", "store", "socket"),
+        versions=("0.14.1", "0.16.0", "0.17.1")),
     Use(CALL, _DU, "StatelessProcessGroup", ("*", "rank", "world_size", "store"), versions=("0.20.2",)),
     *(Use(FIELD, _DU, f"StatelessProcessGroup.{name}") for name in ("rank", "world_size", "store")),
     Use(CALL, _NCCL, "PyNcclCommunicator.__init__", ("group", "*", "device")),
@@ -178,16 +186,26 @@ USES: tuple[Use, ...] = (
     Use(CALL, "vllm.model_executor.models.qwen2", "Qwen2ForCausalLM.load_weights", ("*", "weights")),
 )
 
-# Known differences between 0.14.1 and 0.20.2 next to these surfaces (kept true by
-# tests/test_vllm_compat.py DIFFERENCES) -- do not rely on them without a per-version `versions=` split:
-#   StatelessProcessGroup(rank=, world_size=, store=): 0.14.1 also requires `socket` (None is fine for a
-#     group that does not own the listening socket); 0.20.2 has no `socket` field at all.
-#   StatelessProcessGroup.create(listen_socket=...), .broadcast/.send/.recv/.all_reduce: 0.20.2 only.
-#   PyNcclCommunicator.destroy(): 0.20.2 only.
-#   LLM.update_weights / LLM.init_weight_transfer_engine / Worker.update_weights,
-#     GPUModelRunner.reload_weights(weights_iterator=...): 0.20.2 only.
-#   LLM(swap_space=...), EngineArgs.swap_space / .logits_processor_pattern: 0.14.1 only.
-#   LLM.generate(tokenization_kwargs=, mm_processor_kwargs=): 0.20.2 only.
-#   SamplingParams(logits_processors=, truncate_prompt_tokens=): 0.14.1 only.
-#   WorkerWrapperBase.execute_method: 0.14.1 only.
-#   GPUModelRunner.load_model(eep_scale_up=) (0.14.1) vs (load_dummy_weights=) (0.20.2).
+# Known differences between the four versions next to these surfaces (kept true by
+# tests/test_vllm_compat.py DIFFERENCES, which cites file:line) -- do not rely on them without a
+# per-version `versions=` split:
+#   StatelessProcessGroup(rank=, world_size=, store=): up to 0.17 it also requires `socket` (None is fine
+#     for a group that does not own the listening socket); 0.20 has no `socket` field at all.
+#   StatelessProcessGroup.broadcast/.send/.recv/.all_reduce (tensors): 0.17 on. .create(listen_socket=...):
+#     0.20 only. PyNcclCommunicator.destroy(): 0.20 only.
+#   TokensPrompt: vllm/inputs/data.py up to 0.17, vllm/inputs/llm.py in 0.20 (`from vllm.inputs import`
+#     works in all); `cache_salt` comes from a _PromptOptions base from 0.16 on.
+#   AsyncLLM.sleep() resets the prefix cache itself in 0.14/0.16; from 0.17 the engine core's
+#     pause_scheduler(clear_cache=level >= 1) does, so sleep(level=0) keeps it.
+#   AsyncLLM.pause_generation(mode="abort"|"wait"|"keep"): 0.16 on (0.14.1: wait_for_inflight_requests=).
+#   AsyncLLM.shutdown(timeout=): 0.20 only.
+#   The native transfer: Worker.update_weights synchronizes the device after receiving only in 0.20
+#     (the NCCL receive is asynchronous); IPCWeightTransferUpdateInfo(ipc_handles_pickled=...) needs
+#     VLLM_ALLOW_INSECURE_SERIALIZATION=1 only in 0.20; the NCCL engine's worker rank uses
+#     parallel_config.data_parallel_rank up to 0.17, .data_parallel_index in 0.20.
+#   GPUModelRunner.reload_weights(weights_iterator=...): 0.16 on.
+#   LLM(swap_space=...), EngineArgs.swap_space: up to 0.17. EngineArgs.logits_processor_pattern: 0.14/0.16.
+#   LLM.generate(tokenization_kwargs=, mm_processor_kwargs=): 0.16 on.
+#   SamplingParams(logits_processors=, truncate_prompt_tokens=): 0.14/0.16.
+#   WorkerWrapperBase.execute_method: up to 0.17.
+#   GPUModelRunner.load_model(eep_scale_up=) (0.14/0.16) vs (load_dummy_weights=) (0.17 on).

@@ -57,6 +57,18 @@ PINNED: dict[str, tuple[str, str, str]] = {  # version -> (filename, url, sha256
         "vllm-0.14.1-cp38-abi3-manylinux_2_31_x86_64.whl",
         "435565a8299a5fcdbf5af4a798e342ddeec3f90df83c8227cc204bdebca19494",
     ),
+    "0.16.0": (  # the only 0.16 release
+        "vllm-0.16.0-cp38-abi3-manylinux_2_31_x86_64.whl",
+        f"{_FILES}/84/ce/44a5a999eb7116516a8d4a08ab9fe14df773f0da4b243ceffe76b0afe54a/"
+        "vllm-0.16.0-cp38-abi3-manylinux_2_31_x86_64.whl",
+        "f066b2a2f8597a4a3ada8fbbfd122b59086864b2260ca42dc81bf9fb57af0c42",
+    ),
+    "0.17.1": (  # the newest 0.17
+        "vllm-0.17.1-cp38-abi3-manylinux_2_31_x86_64.whl",
+        f"{_FILES}/18/28/f85e67b390082481298e27a5c9f1da540d2d5abb1a06a594545cdc320818/"
+        "vllm-0.17.1-cp38-abi3-manylinux_2_31_x86_64.whl",
+        "c52e892309532b4e51cb94d022c5e3c0087300cdb56e4645708601443299d871",
+    ),
     "0.20.2": (
         "vllm-0.20.2-cp38-abi3-manylinux_2_35_x86_64.whl",
         f"{_FILES}/c5/aa/4488d49c481a2184e6e285b8d3f937905205f52cd5ac30fb348770494b6e/"
