@@ -279,6 +279,11 @@ FULL_VALUES = {
                                   {"namespace": "ci", "ports": ["dashboard", "client"]}]},
     "global": {"imageRegistry": "ignored"},
 }
+COLOCATED = {"pools": {"colocated": {"nodes": 2, "gpusPerNode": 2, "cpu": 16, "memory": 549755813888,
+                                     "shmSize": 68719476736, "ephemeralStorage": 10**11, "rdma": {"enabled": True}}},
+             "vllm": {"gpuMemoryUtilization": 0.5}, "rollout": {"maxStaleness": 0},
+             "volumes": [{"name": "ckpt", "claimName": "ckpt", "mountPath": "/ckpt", "groups": ["trainer"]},
+                         {"name": "logs", "claimName": "logs", "mountPath": "/logs", "groups": ["head"]}]}
 EDGE_CASES = {
     "defaults": {},
     "every-field": FULL_VALUES,
@@ -298,7 +303,13 @@ EDGE_CASES = {
     "env-default-removed-with-null": {"env": {"VLLM_LOGGING_LEVEL": None}},
     "toleration-defaults": {"pools": {"inference": {"tolerations": [{"key": "a"}, {"key": "b", "value": ""}]}}},
     **{f"null-{'.'.join(p)}": _nest(p, None) for p in NULLABLE if "tolerations" not in p},
+    "colocated": COLOCATED,
 }
+# the colocated pool's nullable fields, inside a valid colocated layout (its own rules need these)
+for _p in NULLABLE:
+    if _p[:2] == ("pools", "colocated") and len(_p) > 2:
+        EDGE_CASES[f"null-{'.'.join(_p)}"] = {**COLOCATED, "pools": {"colocated": {**COLOCATED["pools"]["colocated"],
+                                                                                 _p[2]: None}}}
 
 
 @pytest.mark.parametrize("values", EDGE_CASES.values(), ids=EDGE_CASES.keys())
@@ -332,12 +343,12 @@ def test_every_nullable_and_quantity_field_has_an_edge_case():
         if "tolerations" not in path:
             assert f"null-{'.'.join(path)}" in EDGE_CASES
     config = (CHART / "templates" / "_config.tpl").read_text()
-    for path in NULLABLE:
-        if "tolerations" not in path:
+    for path in NULLABLE:  # (pools.colocated's own fields come from rollfleet.poolDefaults, nulls included)
+        if "tolerations" not in path and path[:2] != ("pools", "colocated") or len(path) == 2:
             assert f'"{".".join(path)}"' in config, f"{'.'.join(path)} is nullable; add it to $nullable"
     for path in QUANTITIES:
         assert f'"{path[-1]}"' in config, f"{'.'.join(path)} is a quantity; stringify it in rollfleet.config"
-        node = EDGE_CASES["integer-quantities"]
+        node = EDGE_CASES["colocated" if path[:2] == ("pools", "colocated") else "integer-quantities"]
         for part in path:
             node = node[part]
         assert isinstance(node, int), f"{'.'.join(path)}: add it as an integer to the integer-quantities case"
@@ -361,6 +372,12 @@ RULE_CASES = {
     "volumes-not-unique": {"volumes": [{"name": "a", "claimName": "a", "mountPath": "/a"},
                                        {"name": "a", "claimName": "b", "mountPath": "/a/"}]},
     "runtime-env-without-job": {"job": {"enabled": False, "runtimeEnv": {"pip": ["math-verify==0.7.0"]}}},
+    "colocated-with-every-problem": {"pools": {"colocated": {"gpusPerNode": 4}, "trainer": {"nodes": 2},
+                                               "inference": {"gpusPerNode": 2}},
+                                     "vllm": {"tensorParallelSize": 2, "gpuMemoryUtilization": 0.9},
+                                     "sync": {"inflight": "abort"}, "rollout": {"maxStaleness": 2}},
+    "colocated-tp-not-a-divisor": {"pools": {"colocated": {"gpusPerNode": 3}}, "vllm": {"tensorParallelSize": 2,
+                                   "gpuMemoryUtilization": 0.5}, "rollout": {"maxStaleness": 0}},
     "many-at-once": {"vllm": {"tensorParallelSize": 3}, "env": {"VLLM_USE_V1": "0"},
                      "gangScheduling": {"scheduler": "kueue"}},
 }
@@ -702,3 +719,15 @@ def test_adversarial_strings_never_change_the_shape_of_the_chart_objects(schemal
 
     want, got = shape("benign"), shape(bad)
     assert got == want, f"paths only with {bad!r}: {sorted(got - want)[:10]}; missing: {sorted(want - got)[:10]}"
+
+
+def test_the_charts_pool_defaults_are_the_models():
+    """templates/_helpers.tpl `rollfleet.poolDefaults` (pools.colocated starts from it; the colocated rules compare
+    pools.trainer / pools.inference with it) equals spec.Pool()'s defaults."""
+    import re
+
+    from rollfleet.spec import Pool
+
+    text = (CHART / "templates" / "_helpers.tpl").read_text()
+    body = re.search(r'define "rollfleet.poolDefaults" -}}\n(.*?)\n{{- end }}', text, re.S)[1]
+    assert json.loads(body) == Pool().model_dump(mode="json", by_alias=True)

@@ -673,7 +673,8 @@ def _paths(obj, prefix=""):
     return {prefix}
 
 
-STRING_FIELDS = list(_string_fields(FleetSpec))
+# (pools.colocated is a Pool like trainer and inference, rendered by the same worker-group template)
+STRING_FIELDS = [f for f in _string_fields(FleetSpec) if f[0][:2] != ("pools", "colocated")]
 TOLERATIONS = [{"key": "k", "operator": "Equal", "value": "v", "effect": "NoSchedule"}]
 _REQ = [{"key": "k", "operator": "In", "values": ["v"]}]
 _SELECTOR = {"match_labels": {"a": "b"}, "match_expressions": _REQ}

@@ -122,7 +122,7 @@ MountPath = text(r"/(?:[^:\x00-\x1f]*)", "not a mount path; write an absolute pa
                  "characters, outside /dev/shm and /etc/rollfleet", max_length=4096)
 SubPath = text(r"[^/:\x00-\x1f][^:\x00-\x1f]*", "not a sub-path; write a relative path inside the volume, "
                "without '..', ':' or control characters", max_length=4096)
-Group = Literal["head", "trainer", "inference"]
+Group = Literal["head", "trainer", "inference"]  # the colocated group mounts what trainer or inference mounts
 RESERVED_MOUNTS = ("/dev/shm", "/etc/rollfleet")
 
 
@@ -155,5 +155,7 @@ class Volume(Fragment):
     ]}}
 
     def mounted_in(self, group: str) -> bool:
+        if group == "colocated":
+            return self.groups is None or bool({"trainer", "inference"} & set(self.groups))
         return self.groups is None or group in self.groups
 

@@ -180,6 +180,9 @@ class Pool(Model):
 class Pools(Model):
     trainer: Pool = Pool()
     inference: Pool = Pool()
+    colocated: Pool | None = None
+    """The colocated layout: one pool whose every GPU holds a trainer rank and an engine (vLLM asleep
+    while the trainer trains, weights handed over through CUDA IPC); then trainer and inference are unused."""
 
 
 class ModelSpec(Model):
@@ -352,17 +355,41 @@ class FleetSpec(Model):
     """Variables read from existing Secrets (W&B keys and the like), on every Ray container."""
 
     @property
+    def colocated(self) -> bool:
+        """The colocated layout (pools.colocated): trainer ranks and engines share every GPU."""
+        return self.pools.colocated is not None
+
+    @property
+    def groups(self) -> list[tuple[str, Pool, tuple[str, ...]]]:
+        """The worker groups: (name, pool, the Ray resources the group carries, each = GPUs per node)."""
+        if self.pools.colocated is not None:
+            return [("colocated", self.pools.colocated, ("trainer", "inference"))]
+        return [("trainer", self.pools.trainer, ("trainer",)), ("inference", self.pools.inference, ("inference",))]
+
+    @property
+    def trainer_pool(self) -> Pool:
+        return self.pools.colocated or self.pools.trainer
+
+    @property
+    def inference_pool(self) -> Pool:
+        return self.pools.colocated or self.pools.inference
+
+    @property
     def engines(self) -> int:
         """Number of engines: inference GPUs / TP (derived, never typed)."""
-        return self.pools.inference.gpus // self.vllm.tensor_parallel_size
+        return self.inference_pool.gpus // self.vllm.tensor_parallel_size
 
     @property
     def world_size(self) -> int:
+        """The NCCL weight-sync group: trainer rank 0 + every engine worker (dedicated layout)."""
         return 1 + self.engines * self.vllm.tensor_parallel_size
 
     @property
-    def sync_backend(self) -> Literal["nccl", "gloo"]:
-        """The weight-sync transport, from the engine: nccl for vLLM on GPUs, gloo for the CPU stand-in."""
+    def sync_backend(self) -> Literal["nccl", "gloo", "ipc"]:
+        """The weight transport, from the engine and the layout: NCCL for vLLM on GPUs, gloo for the CPU
+        stand-in, CUDA IPC (a shared-memory stand-in on CPU) when trainer and engine share the GPUs."""
+        if self.colocated:
+            return "ipc"
         return "nccl" if self.engine == "vllm" else "gloo"
 
     @property
@@ -379,14 +406,41 @@ class FleetSpec(Model):
         return self
 
 
+COLOCATED_MAX_UTILIZATION = 0.7
+
+
+def colocated_problems(s: FleetSpec) -> list[str]:
+    """The colocated layout's own rules: one pool, the engine's memory share leaves the trainer room,
+    and the loop is synchronous (the engine sleeps while the trainer trains)."""
+    p = []
+    default = Pool()
+    for name in ("trainer", "inference"):
+        if getattr(s.pools, name) != default:
+            p.append(f"pools.{name}: the colocated layout has one pool, pools.colocated; remove pools.{name}")
+    if s.vllm.tensor_parallel_size != 1:
+        p.append("vllm.tensorParallelSize: the colocated layout runs one TP=1 engine per GPU (each trainer rank "
+                 "hands its weights to the engine on its own GPU); set it to 1, or use dedicated pools for TP > 1")
+    if s.vllm.gpu_memory_utilization > COLOCATED_MAX_UTILIZATION:
+        p.append(f"vllm.gpuMemoryUtilization: {s.vllm.gpu_memory_utilization} leaves the trainer too little of the "
+                 f"shared GPU (its weights and optimizer stay there while the engine generates); set at most "
+                 f"{COLOCATED_MAX_UTILIZATION}, e.g. 0.5")
+    if s.sync.inflight != "wait":
+        p.append(f"sync.inflight: {s.sync.inflight} has nothing to act on in the colocated layout (the engine is "
+                 f"idle and asleep when weights arrive); set sync.inflight: wait")
+    if s.rollout.max_staleness != 0:
+        p.append(f"rollout.maxStaleness: {s.rollout.max_staleness} needs generation to overlap training, which the "
+                 f"colocated layout cannot do (the engine sleeps while the trainer trains); set it to 0")
+    return p
+
+
 def cross_field_problems(s: FleetSpec) -> list[str]:
     """Rules JSON Schema cannot express (several fields, sums, quantity comparisons), twinned in the chart's
     templates/_validate.tpl. Each line: `path: what is wrong; the fix`."""
     p: list[str] = []
     tp = s.vllm.tensor_parallel_size
-    inf = s.pools.inference
-    for pool_name in ("trainer", "inference"):
-        pool = getattr(s.pools, pool_name)
+    inf = s.inference_pool
+    where = "colocated" if s.colocated else "inference"
+    for pool_name, pool, _ in s.groups:
         if parse_quantity(pool.shm_size) < parse_quantity(MIN_SHM):
             p.append(f"pools.{pool_name}.shmSize: {pool.shm_size} is below {MIN_SHM}; NCCL and vLLM need a "
                      f"large /dev/shm, set {MIN_SHM} or more")
@@ -398,11 +452,13 @@ def cross_field_problems(s: FleetSpec) -> list[str]:
             p.append(f"pools.{pool_name}.annotations: {size} bytes in all, over Kubernetes' 262144 (256 KiB); "
                      f"move large data into a ConfigMap")
     if tp > inf.gpus_per_node:
-        p.append(f"vllm.tensorParallelSize: {tp} > pools.inference.gpusPerNode {inf.gpus_per_node}; an "
+        p.append(f"vllm.tensorParallelSize: {tp} > pools.{where}.gpusPerNode {inf.gpus_per_node}; an "
                  f"engine never spans nodes, lower tensorParallelSize or raise gpusPerNode")
     elif inf.gpus_per_node % tp:
-        p.append(f"vllm.tensorParallelSize: {tp} does not divide pools.inference.gpusPerNode "
+        p.append(f"vllm.tensorParallelSize: {tp} does not divide pools.{where}.gpusPerNode "
                  f"{inf.gpus_per_node}; choose a divisor so engines fill each node")
+    if s.colocated:
+        p.extend(colocated_problems(s))
     if s.vllm.enable_prefix_caching and s.env.get("VLLM_USE_V1") == "0":
         p.append("vllm.enablePrefixCaching: prefix caching needs the V1 engine but env.VLLM_USE_V1 is '0'; "
                  "set env.VLLM_USE_V1: '1' or enablePrefixCaching: false")

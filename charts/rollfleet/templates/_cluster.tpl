@@ -72,14 +72,15 @@ affinity: {{ toJson . }}
 {{- end }}
 {{- end }}
 
-{{/* The user's volumes (and their mounts) for one group. (dict "s" $s "group" "head") */}}
+{{/* The user's volumes (and their mounts) for one group (pod.Volume.mounted_in: the colocated group
+mounts what trainer or inference mounts). (dict "s" $s "group" "head") */}}
 {{- define "rollfleet.volumes" -}}
-{{- range $v := .s.volumes }}{{ if or (not $v.groups) (has $.group $v.groups) }}
+{{- range $v := .s.volumes }}{{ if or (not $v.groups) (has $.group $v.groups) (and (eq $.group "colocated") (or (has "trainer" $v.groups) (has "inference" $v.groups))) }}
 - {{ toJson (dict "name" $v.name "persistentVolumeClaim" (dict "claimName" $v.claimName)) }}
 {{- end }}{{ end }}
 {{- end }}
 {{- define "rollfleet.mounts" -}}
-{{- range $v := .s.volumes }}{{ if or (not $v.groups) (has $.group $v.groups) }}
+{{- range $v := .s.volumes }}{{ if or (not $v.groups) (has $.group $v.groups) (and (eq $.group "colocated") (or (has "trainer" $v.groups) (has "inference" $v.groups))) }}
 {{- $mount := dict "name" $v.name "mountPath" $v.mountPath }}
 {{- if $v.readOnly }}{{ $_ := set $mount "readOnly" true }}{{ end }}
 {{- with $v.subPath }}{{ $_ := set $mount "subPath" . }}{{ end }}
@@ -113,9 +114,11 @@ limits: {{ toJson $limits }}
   # KubeRay's CRD defaults it inside workerGroupSpecs, a list applied whole: rendered, so a re-apply is a no-op
   priority: 0
   rayStartParams: {}
-  # Ray custom resource: actors pin to this pool with {"{{ $group }}": n}
+  # Ray custom resources: actors pin to a pool with {"trainer": n} / {"inference": n}
   resources:
-    {{ $group | quote }}: {{ $pool.gpusPerNode | int64 | toString | quote }}
+    {{- range $r := ternary (list "trainer" "inference") (list $group) (eq $group "colocated") }}
+    {{ $r | quote }}: {{ $pool.gpusPerNode | int64 | toString | quote }}
+    {{- end }}
   template:
     metadata:
       labels:
@@ -217,8 +220,9 @@ headGroupSpec:
           configMap: {"name": {{ include "rollfleet.configName" .ctx | quote }}}
         {{- with include "rollfleet.volumes" (dict "s" $s "group" "head") }}{{ . | trim | nindent 8 }}{{ end }}
 workerGroupSpecs:
-  {{- include "rollfleet.workerGroup" (dict "ctx" .ctx "s" $s "group" "trainer") | trim | nindent 2 }}
-  {{- include "rollfleet.workerGroup" (dict "ctx" .ctx "s" $s "group" "inference") | trim | nindent 2 }}
+  {{- range $group := ternary (list "colocated") (list "trainer" "inference") (not (kindIs "invalid" $s.pools.colocated)) }}
+  {{- include "rollfleet.workerGroup" (dict "ctx" $.ctx "s" $s "group" $group) | trim | nindent 2 }}
+  {{- end }}
 {{- end }}
 
 {{/* K8sJobMode's submitter pod template (the _cluster.j2 `submitter` macro). (dict "ctx" $ "s" $s) */}}

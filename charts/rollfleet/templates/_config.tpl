@@ -18,14 +18,23 @@ Use: {{- $s := include "rollfleet.config" . | fromJson }}
   "pools.inference.ephemeralStorage" "pools.inference.gpuProduct" "pools.inference.affinity"
   "model.revision" "model.maxModelLen" "model.hfTokenSecret" "vllm.maxNumSeqs" "job.entrypoint"
   "job.activeDeadlineSeconds" "gangScheduling.scheduler" "gangScheduling.queue" "priorityClassName"
-  "serviceAccountName" "podSecurity.fsGroup" "networkPolicy.operatorNamespace" "job.runtimeEnv.workingDir" }}
+  "serviceAccountName" "podSecurity.fsGroup" "networkPolicy.operatorNamespace" "job.runtimeEnv.workingDir" "pools.colocated" }}
 {{- range $path := $nullable }}
   {{- $parts := splitList "." $path }}
   {{- $parent := $c }}
   {{- range $part := initial $parts }}{{ $parent = index $parent $part }}{{ end }}
   {{- if not (hasKey $parent (last $parts)) }}{{ $_ := set $parent (last $parts) nil }}{{ end }}
 {{- end }}
-{{- range $holder := list $c.head $c.pools.trainer $c.pools.inference }}
+{{- with $c.pools.colocated }}{{/* a pool the user gives whole: the model's Pool defaults (= pools.trainer's) fill it */}}
+  {{- $default := include "rollfleet.poolDefaults" $ | fromJson }}
+  {{- $pool := deepCopy $default }}
+  {{- range $k, $v := . }}{{ $_ := set $pool $k $v }}{{ end }}
+  {{- if hasKey . "rdma" }}{{ $_ := set $pool "rdma" (merge (deepCopy .rdma) (deepCopy $default.rdma)) }}{{ end }}
+  {{- $_ := set $c.pools "colocated" $pool }}
+{{- end }}
+{{- $holders := list $c.head $c.pools.trainer $c.pools.inference }}
+{{- with $c.pools.colocated }}{{ $holders = append $holders . }}{{ end }}
+{{- range $holder := $holders }}
   {{- range $key := list "cpu" "memory" "shmSize" "ephemeralStorage" }}
     {{- if and (hasKey $holder $key) (not (kindIs "invalid" (get $holder $key))) }}{{ $_ := set $holder $key (include "rollfleet.str" (get $holder $key)) }}{{ end }}
   {{- end }}

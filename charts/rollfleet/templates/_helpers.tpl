@@ -186,3 +186,22 @@ Call with the runtime config (rollfleet.runtimeConfig: `name` is the release's).
 {{- $supported := or (gt (atoi (index $parts 0)) 2) (and (eq (atoi (index $parts 0)) 2) (ge (atoi (index $parts 1)) 52)) }}
 {{- if or (eq .rayAuth.mode "token") (and (eq .rayAuth.mode "auto") $supported) }}true{{ end }}
 {{- end }}
+
+{{/* The Pool model's defaults (spec.Pool(); tests/test_chart.py checks it): what pools.colocated starts from,
+and what pools.trainer / pools.inference must equal in the colocated layout. Nulls are keys Helm drops. */}}
+{{- define "rollfleet.poolDefaults" -}}
+{"nodes": 1, "gpusPerNode": 4, "cpu": "32", "memory": "256Gi", "shmSize": "64Gi", "ephemeralStorage": null,
+ "gpuProduct": "NVIDIA-H100-80GB-HBM3", "nodeSelector": {}, "tolerations": [], "affinity": null, "labels": {},
+ "annotations": {}, "rdma": {"enabled": false, "resourceName": "rdma/ib", "count": 1}}
+{{- end }}
+
+{{/* "true" when `.pool` (the values' pools.trainer or pools.inference) is not the Pool defaults. */}}
+{{- define "rollfleet.poolChanged" -}}
+{{- $defaults := include "rollfleet.poolDefaults" . | fromJson }}
+{{- $pool := .pool }}
+{{- range $k, $v := $defaults }}
+  {{- if kindIs "invalid" $v }}
+    {{- if and (hasKey $pool $k) (not (kindIs "invalid" (get $pool $k))) }}true{{ end }}
+  {{- else if ne (toJson (get $pool $k)) (toJson $v) }}true{{ end }}
+{{- end }}
+{{- end }}

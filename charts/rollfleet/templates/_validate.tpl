@@ -3,13 +3,15 @@ The rules JSON Schema cannot express (rollfleet.spec.cross_field_problems: sever
 comparisons), with the CLI's exact message lines; values.schema.json, generated from the field types,
 covers every rule about one field. One `fail` lists every problem, one per line, as `rollfleet validate`
 prints them (tests/test_chart.py checks each rule against the CLI).
-Call with (dict "s" $s), $s = rollfleet.config parsed.
+Call with (dict "s" $s "ctx" $), $s = rollfleet.config parsed.
 */}}
 {{- define "rollfleet.validate" -}}
 {{- $s := .s }}
 {{- $minShm := "1Gi" }}{{/* spec.MIN_SHM */}}
 {{- $p := list }}
-{{- range $poolName := list "trainer" "inference" }}
+{{- $colocated := not (kindIs "invalid" $s.pools.colocated) }}
+{{- $where := ternary "colocated" "inference" $colocated }}
+{{- range $poolName := ternary (list "colocated") (list "trainer" "inference") $colocated }}
   {{- $pool := get $s.pools $poolName }}
   {{- $memory := include "rollfleet.quantity" $pool.memory }}
   {{- $shm := include "rollfleet.quantity" $pool.shmSize }}
@@ -25,11 +27,30 @@ Call with (dict "s" $s), $s = rollfleet.config parsed.
   {{- end }}
 {{- end }}
 {{- $tp := int64 $s.vllm.tensorParallelSize }}
-{{- $gpusPerNode := int64 $s.pools.inference.gpusPerNode }}
+{{- $gpusPerNode := int64 (get $s.pools $where).gpusPerNode }}
 {{- if gt $tp $gpusPerNode }}
-  {{- $p = append $p (printf "vllm.tensorParallelSize: %d > pools.inference.gpusPerNode %d; an engine never spans nodes, lower tensorParallelSize or raise gpusPerNode" $tp $gpusPerNode) }}
+  {{- $p = append $p (printf "vllm.tensorParallelSize: %d > pools.%s.gpusPerNode %d; an engine never spans nodes, lower tensorParallelSize or raise gpusPerNode" $tp $where $gpusPerNode) }}
 {{- else if mod $gpusPerNode $tp }}
-  {{- $p = append $p (printf "vllm.tensorParallelSize: %d does not divide pools.inference.gpusPerNode %d; choose a divisor so engines fill each node" $tp $gpusPerNode) }}
+  {{- $p = append $p (printf "vllm.tensorParallelSize: %d does not divide pools.%s.gpusPerNode %d; choose a divisor so engines fill each node" $tp $where $gpusPerNode) }}
+{{- end }}
+{{- if $colocated }}{{/* spec.colocated_problems */}}
+  {{- range $name := list "trainer" "inference" }}
+    {{- if include "rollfleet.poolChanged" (dict "pool" (get $.ctx.Values.pools $name)) }}
+      {{- $p = append $p (printf "pools.%s: the colocated layout has one pool, pools.colocated; remove pools.%s" $name $name) }}
+    {{- end }}
+  {{- end }}
+  {{- if ne $tp 1 }}
+    {{- $p = append $p "vllm.tensorParallelSize: the colocated layout runs one TP=1 engine per GPU (each trainer rank hands its weights to the engine on its own GPU); set it to 1, or use dedicated pools for TP > 1" }}
+  {{- end }}
+  {{- if gt (float64 $s.vllm.gpuMemoryUtilization) 0.7 }}{{/* spec.COLOCATED_MAX_UTILIZATION */}}
+    {{- $p = append $p (printf "vllm.gpuMemoryUtilization: %s leaves the trainer too little of the shared GPU (its weights and optimizer stay there while the engine generates); set at most 0.7, e.g. 0.5" (include "rollfleet.pyfloat" $s.vllm.gpuMemoryUtilization)) }}
+  {{- end }}
+  {{- if ne $s.sync.inflight "wait" }}
+    {{- $p = append $p (printf "sync.inflight: %s has nothing to act on in the colocated layout (the engine is idle and asleep when weights arrive); set sync.inflight: wait" $s.sync.inflight) }}
+  {{- end }}
+  {{- if ne (int64 $s.rollout.maxStaleness) 0 }}
+    {{- $p = append $p (printf "rollout.maxStaleness: %d needs generation to overlap training, which the colocated layout cannot do (the engine sleeps while the trainer trains); set it to 0" (int64 $s.rollout.maxStaleness)) }}
+  {{- end }}
 {{- end }}
 {{- if and $s.vllm.enablePrefixCaching (eq (get $s.env "VLLM_USE_V1" | toString) "0") (hasKey $s.env "VLLM_USE_V1") }}
   {{- $p = append $p "vllm.enablePrefixCaching: prefix caching needs the V1 engine but env.VLLM_USE_V1 is '0'; set env.VLLM_USE_V1: '1' or enablePrefixCaching: false" }}
