@@ -247,9 +247,11 @@ USES: tuple[Use, ...] = (
     Use(STATIC, _WTN, "NCCLWeightTransferEngine.trainer_send_weights",
         ("iterator", "group", "*", "src", "packed", "stream", "packed_buffer_size_bytes", "packed_num_buffers"),
         versions=("0.16.0",)),
-    Use(STATIC, _WTN, "NCCLWeightTransferEngine.trainer_send_weights", ("iterator", "trainer_args"), versions=_FROM_017),
+    Use(STATIC, _WTN, "NCCLWeightTransferEngine.trainer_send_weights", ("iterator", "trainer_args"),
+        versions=_FROM_017),
     Use(CALL, _WTN, "NCCLTrainerSendWeightsArgs",
-        ("*", "group", "src", "packed", "stream", "packed_buffer_size_bytes", "packed_num_buffers"), versions=_FROM_017),
+        ("*", "group", "src", "packed", "stream", "packed_buffer_size_bytes", "packed_num_buffers"),
+        versions=_FROM_017),
     # The IPC engine, 0.17 on: config/weight_transfer.py:12 admits "ipc" (0.16.0's only "nccl"),
     # factory.py:118-122 registers ipc_engine.py (IPCWeightTransferUpdateInfo: ipc_engine.py:53 in 0.17.1,
     # :54 in 0.20.2; IPCTrainerSendWeightsArgs: :25 / :26; trainer_send_weights: :195 / :203)
