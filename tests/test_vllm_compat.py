@@ -1,10 +1,11 @@
-"""vllm_api.py ↔ the real vLLM 0.14.1 and 0.20.2 wheels, read statically (never installed).
+"""vllm_api.py ↔ the real vLLM 0.14.1, 0.16.0, 0.17.1 and 0.20.2 wheels, read statically (never installed).
 
-* test_use: every declared `Use` exists, with the declared signature, in each version.
+* test_use: every declared `Use` exists, with the declared signature, in each version it names
+  (all of VERSIONS by default); a Use limited to some versions must fail in the others.
 * test_runtime_uses_are_declared: the runtime imports / calls / passes keywords to no vLLM name that
   vllm_api.py does not declare (so the list cannot go stale).
 * the remaining tests pin the analyzer itself (it must notice what is missing) and DIFFERENCES: the
-  surfaces near the runtime's that exist in only one of the versions (the runtime must avoid them).
+  surfaces near the runtime's that exist in only some of the versions (the runtime must avoid them).
 
 Sources come from tests/wheel_source.py: Range requests into the pinned PyPI wheels, cached under
 ~/.cache/rollfleet/vllm-src/<version>/ (or $ROLLFLEET_VLLM_SRC_CACHE). Offline without a cache: fails.
@@ -727,48 +728,92 @@ def test_analyzer_reports_missing(use: Use) -> None:
 # ---------------------------------------------------------------------------------------------
 # Surfaces near the runtime's that differ between the versions: the runtime must not use these.
 # (surface, versions in which it exists). Kept true by this test; see vllm_api.py's docstring.
+# Lines: vllm/<file>:<line> in the version named (0.14.1, 0.16.0, 0.17.1, 0.20.2).
 
 _DU, _LLM, _NCCL = "vllm.distributed.utils", "vllm.entrypoints.llm", "vllm.distributed.device_communicators.pynccl"
 _RUNNER, _WB = "vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.worker_base"
+_ASYNC, _WORKER, _AU = "vllm.v1.engine.async_llm", "vllm.v1.worker.gpu_worker", "vllm.engine.arg_utils"
+_WTN, _WTI = "vllm.distributed.weight_transfer.nccl_engine", "vllm.distributed.weight_transfer.ipc_engine"
+_TO_017, _FROM_016, _FROM_017 = ("0.14.1", "0.16.0", "0.17.1"), ("0.16.0", "0.17.1", "0.20.2"), ("0.17.1", "0.20.2")
 DIFFERENCES: list[tuple[Use, tuple[str, ...]]] = [
-    # StatelessProcessGroup(rank=, world_size=, store=) works only on 0.20.2: 0.14.1 has a required
-    # `socket` field (no default), which 0.20.2 removed. create() works on both (listen_socket: 0.20.2).
-    (Use(CALL, _DU, "StatelessProcessGroup", ("*", "rank", "world_size", "store", "socket")), ("0.14.1",)),
-    (Use(FIELD, _DU, "StatelessProcessGroup.socket"), ("0.14.1",)),
+    # StatelessProcessGroup(rank=, world_size=, store=) works only on 0.20: up to 0.17 the dataclass has a
+    # required `socket` field (distributed/utils.py:155 0.14.1, :154 0.16.0 / 0.17.1), which 0.20 removed.
+    # create() works on all (listen_socket=: 0.20.2 utils.py:443).
+    (Use(CALL, _DU, "StatelessProcessGroup", ("*", "rank", "world_size", "store", "socket")), _TO_017),
+    (Use(FIELD, _DU, "StatelessProcessGroup.socket"), _TO_017),
     (Use(STATIC, _DU, "StatelessProcessGroup.create", ("host", "port", "rank", "world_size", "*", "listen_socket")),
      ("0.20.2",)),
-    # tensor collectives on the StatelessProcessGroup itself: 0.20.2 only
-    (Use(CALL, _DU, "StatelessProcessGroup.broadcast", ("tensor", "src")), ("0.20.2",)),
-    (Use(CALL, _DU, "StatelessProcessGroup.send", ("tensor", "dst")), ("0.20.2",)),
-    # PyNcclCommunicator.destroy(): 0.20.2 only
+    # tensor collectives on the StatelessProcessGroup itself: 0.17 on (utils.py:231 / :247 0.17.1)
+    (Use(CALL, _DU, "StatelessProcessGroup.broadcast", ("tensor", "src")), _FROM_017),
+    (Use(CALL, _DU, "StatelessProcessGroup.send", ("tensor", "dst")), _FROM_017),
+    # PyNcclCommunicator.destroy(): 0.20 only (device_communicators/pynccl.py:146 0.20.2)
     (Use(CALL, _NCCL, "PyNcclCommunicator.destroy"), ("0.20.2",)),
-    # vLLM's own weight-transfer API: 0.20.2 only
-    (Use(CALL, _LLM, "LLM.update_weights", ("request",)), ("0.20.2",)),
-    (Use(CALL, _LLM, "LLM.init_weight_transfer_engine", ("request",)), ("0.20.2",)),
-    (Use(CALL, "vllm.v1.worker.gpu_worker", "Worker.update_weights", ("update_info",)), ("0.20.2",)),
-    (Use(CALL, _RUNNER, "GPUModelRunner.reload_weights", ("*", "weights_iterator")), ("0.20.2",)),
-    # LLM(swap_space=...) / EngineArgs.swap_space and EngineArgs.logits_processor_pattern: 0.14.1 only
-    (Use(CALL, _LLM, "LLM.__init__", ("*", "model", "swap_space")), ("0.14.1",)),
-    (Use(FIELD, "vllm.engine.arg_utils", "EngineArgs.swap_space"), ("0.14.1",)),
-    (Use(FIELD, "vllm.engine.arg_utils", "EngineArgs.logits_processor_pattern"), ("0.14.1",)),
-    # LLM.generate(tokenization_kwargs=..., mm_processor_kwargs=...): 0.20.2 only
-    (Use(CALL, _LLM, "LLM.generate", ("prompts", "*", "tokenization_kwargs")), ("0.20.2",)),
-    # SamplingParams(logits_processors=..., truncate_prompt_tokens=...): 0.14.1 only
-    (Use(FIELD, "vllm.sampling_params", "SamplingParams.logits_processors"), ("0.14.1",)),
-    (Use(FIELD, "vllm.sampling_params", "SamplingParams.truncate_prompt_tokens"), ("0.14.1",)),
-    # WorkerWrapperBase.execute_method: 0.14.1 only (collective_rpc dispatches by name either way)
-    (Use(CALL, _WB, "WorkerWrapperBase.execute_method", ("method",)), ("0.14.1",)),
-    # GPUModelRunner.load_model(eep_scale_up=...) became (load_dummy_weights=...)
-    (Use(CALL, _RUNNER, "GPUModelRunner.load_model", ("*", "eep_scale_up")), ("0.14.1",)),
-    (Use(CALL, _RUNNER, "GPUModelRunner.load_model", ("*", "load_dummy_weights")), ("0.20.2",)),
+    # TokensPrompt moved: inputs/data.py (:56 0.14.1, :68 0.16.0, :65 0.17.1) -> inputs/llm.py (:106 0.20.2);
+    # its cache_salt key moved into a _PromptOptions base in 0.16 (data.py:55 0.16.0, :52 0.17.1; llm.py:93
+    # 0.20.2); 0.14.1 declares it on TokensPrompt itself (data.py:90)
+    (Use(MODULE, "vllm.inputs.data"), _TO_017),
+    (Use(MODULE, "vllm.inputs.llm"), ("0.20.2",)),
+    (Use(SOURCE, "vllm.inputs.data", "TokensPrompt", values=("cache_salt",)), ("0.14.1",)),
+    # AsyncLLM.sleep() resets the prefix cache itself up to 0.16 (async_llm.py:756 0.14.1, :940 0.16.0);
+    # from 0.17 the engine core does, and only for level >= 1 (core.py:657-658 0.17.1)
+    (Use(SOURCE, _ASYNC, "AsyncLLM.sleep", values=("self.reset_prefix_cache()",)), ("0.14.1", "0.16.0")),
+    # pause_generation(mode="abort"|"wait"|"keep"): 0.16 on (async_llm.py:729-735 0.16.0); 0.14.1 has
+    # wait_for_inflight_requests= only (async_llm.py:565-570), deprecated but still accepted after it
+    (Use(CALL, _ASYNC, "AsyncLLM.pause_generation", ("*", "mode")), _FROM_016),
+    # AsyncLLM.shutdown(timeout=): 0.20 only (async_llm.py:259 0.20.2); the runtime calls shutdown()
+    (Use(CALL, _ASYNC, "AsyncLLM.shutdown", ("*", "timeout")), ("0.20.2",)),
+    # the native transfer path (vllm_api.py declares the surfaces per version): Worker.update_weights
+    # synchronizes the device after the (asynchronous) NCCL receive only in 0.20 (gpu_worker.py:1004-1006
+    # 0.20.2; not in 0.16.0 :967-1011 nor 0.17.1 :872-916)
+    (Use(SOURCE, _WORKER, "Worker.update_weights", values=("synchronize()",)), ("0.20.2",)),
+    # IPCWeightTransferUpdateInfo(ipc_handles_pickled=...) (the HTTP transport) refuses to unpickle without
+    # VLLM_ALLOW_INSECURE_SERIALIZATION=1 only in 0.20 (ipc_engine.py:79-84 0.20.2; 0.17.1 :71-78 does not)
+    (Use(SOURCE, _WTI, "IPCWeightTransferUpdateInfo.__post_init__", values=("VLLM_ALLOW_INSECURE_SERIALIZATION",)),
+     ("0.20.2",)),
+    # the NCCL engine's worker rank: parallel_config.data_parallel_rank up to 0.17 (nccl_engine.py:109
+    # 0.16.0, :135 0.17.1), .data_parallel_index in 0.20 (:135 0.20.2) -- rank_offset is the sender's to set
+    (Use(SOURCE, _WTN, "NCCLWeightTransferEngine.init_transfer_engine", values=("data_parallel_index",)),
+     ("0.20.2",)),
+    # GPUModelRunner.reload_weights(weights_iterator=...): 0.16 on (gpu_model_runner.py:4315 0.16.0;
+    # 0.14.1's :4000 takes nothing)
+    (Use(CALL, _RUNNER, "GPUModelRunner.reload_weights", ("*", "weights_iterator")), _FROM_016),
+    # LLM(swap_space=...) / EngineArgs.swap_space: up to 0.17 (arg_utils.py:436 0.14.1, :435 0.16.0,
+    # :447 0.17.1); EngineArgs.logits_processor_pattern: 0.14 / 0.16 (arg_utils.py:509 / :510)
+    (Use(CALL, _LLM, "LLM.__init__", ("*", "model", "swap_space")), _TO_017),
+    (Use(FIELD, _AU, "EngineArgs.swap_space"), _TO_017),
+    (Use(FIELD, _AU, "EngineArgs.logits_processor_pattern"), ("0.14.1", "0.16.0")),
+    # LLM.generate(tokenization_kwargs=..., mm_processor_kwargs=...): 0.16 on (llm.py:404 0.16.0)
+    (Use(CALL, _LLM, "LLM.generate", ("prompts", "*", "tokenization_kwargs")), _FROM_016),
+    # SamplingParams(logits_processors=..., truncate_prompt_tokens=...): 0.14 / 0.16 (sampling_params.py:205 /
+    # :210 0.14.1, :210 / :215 0.16.0)
+    (Use(FIELD, "vllm.sampling_params", "SamplingParams.logits_processors"), ("0.14.1", "0.16.0")),
+    (Use(FIELD, "vllm.sampling_params", "SamplingParams.truncate_prompt_tokens"), ("0.14.1", "0.16.0")),
+    # WorkerWrapperBase.execute_method: up to 0.17 (worker_base.py:328 0.14.1, :324 0.16.0, :328 0.17.1);
+    # collective_rpc dispatches by name either way
+    (Use(CALL, _WB, "WorkerWrapperBase.execute_method", ("method",)), _TO_017),
+    # GPUModelRunner.load_model(eep_scale_up=...) (gpu_model_runner.py:3803 0.14.1, :4119 0.16.0) became
+    # (load_dummy_weights=...) (:4276 0.17.1, :4772 0.20.2)
+    (Use(CALL, _RUNNER, "GPUModelRunner.load_model", ("*", "eep_scale_up")), ("0.14.1", "0.16.0")),
+    (Use(CALL, _RUNNER, "GPUModelRunner.load_model", ("*", "load_dummy_weights")), _FROM_017),
 ]
 
 
 @pytest.mark.parametrize("use,present", DIFFERENCES, ids=[u.id for u, _ in DIFFERENCES])
 def test_documented_differences(use: Use, present: tuple[str, ...]) -> None:
     got = tuple(v for v in VERSIONS if not check(v, use))
-    assert got == present, f"{use.id}: exists in {got or 'neither'}, documented as {present}"
+    assert got == present, f"{use.id}: exists in {got or 'none'}, documented as {present}"
     assert use not in USES, f"{use.id} differs between versions; the runtime must not rely on it"
+
+
+_LIMITED = [u for u in USES if u.versions]
+
+
+@pytest.mark.parametrize("use", _LIMITED, ids=[u.id for u in _LIMITED])
+def test_a_use_limited_to_some_versions_is_absent_from_the_others(use: Use) -> None:
+    """`versions=` says exactly which lines have a surface: test_use checks it holds there, this that it
+    does not hold elsewhere (a split that became unnecessary, or a line that gained the surface, shows)."""
+    also = [v for v in VERSIONS if not use.applies_to(v) and not check(v, use)]
+    assert not also, f"{use.id} also holds in {also}: widen its versions= (or drop it)"
 
 
 def test_vllm_api_module_is_plain_data() -> None:

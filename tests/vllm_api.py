@@ -1,7 +1,8 @@
 """Every vLLM surface the rollfleet runtime touches, declared once, as plain data.
 
-The runtime must work with vLLM 0.14.1 (the image pin) and 0.20.2 (the GPU test host).
-tests/test_vllm_compat.py reads both real wheels from PyPI (only the needed .py files, never
+The runtime must work with vLLM 0.14.1 (the image pin), the 0.16 and 0.17 lines (vLLM's own weight
+transfer: NCCL from 0.16, IPC and sleep(level=0) from 0.17) and 0.20.2 (the GPU test host).
+tests/test_vllm_compat.py reads the real wheels from PyPI (only the needed .py files, never
 installed) and checks every `Use` below against each; it also AST-scans src/rollfleet/**/*.py
 and fails when the runtime imports, calls or passes a keyword to a vLLM name not declared here.
 So: when the runtime starts using something new from vLLM, add one line here.
@@ -24,7 +25,10 @@ Kinds (what the test checks, in each version):
             string in `values` via Literal[...].
 
 `versions` (default: all of VERSIONS) limits a Use to some versions, for the rare surface the runtime
-must reach differently per version (it then branches on what it finds, e.g. `dataclasses.fields`).
+must reach differently per version (it then branches on what it finds, e.g. `dataclasses.fields`), and
+for a surface only some lines have (vLLM's native weight transfer). Such a Use must hold in exactly
+those versions and fail in the others (the test checks both), so `versions` says which line has what;
+each one cites where the wheel's source shows the difference (file:line, per version).
 
 `params` reads like the call site's view of a signature: names before "*" are passed positionally,
 in that order; names after "*" by keyword; "**" means the runtime relies on a **kwargs catch-all
@@ -36,8 +40,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The vLLM versions the runtime supports: the image pin and the GPU test host's.
-VERSIONS = ("0.14.1", "0.20.2")
+# The vLLM versions the runtime supports: the image pin, the first line with vLLM's own weight
+# transfer (0.16, NCCL), the first with its IPC backend and sleep(level=0) (0.17), the GPU test host's.
+VERSIONS = ("0.14.1", "0.16.0", "0.17.1", "0.20.2")
 
 MODULE = "module"
 EXPORT = "export"
@@ -118,6 +123,14 @@ _SP = "vllm.sampling_params"
 _OUT = "vllm.outputs"
 _DU = "vllm.distributed.utils"
 _NCCL = "vllm.distributed.device_communicators.pynccl"
+_LLM = "vllm.entrypoints.llm"
+_CORE = "vllm.v1.engine.core"
+_WORKER = "vllm.v1.worker.gpu_worker"
+_WT = "vllm.distributed.weight_transfer"
+_WTC = "vllm.config.weight_transfer"
+_WTB, _WTN, _WTI, _WTP = f"{_WT}.base", f"{_WT}.nccl_engine", f"{_WT}.ipc_engine", f"{_WT}.packed_tensor"
+_FROM_016 = ("0.16.0", "0.17.1", "0.20.2")  # vLLM's NCCL weight-transfer engine
+_FROM_017 = ("0.17.1", "0.20.2")  # + the IPC engine, sleep(level=0) / wake_up(tags=["scheduling"])
 
 USES: tuple[Use, ...] = (
     Use(EXPORT, "vllm", "SamplingParams"),
@@ -142,11 +155,12 @@ USES: tuple[Use, ...] = (
         values=("reset_running_requests", "_preempt_request")),
     # collective_rpc(callable): the engine core runs a function in each worker (Fleet.call, benchmarks)
     Use(SOURCE, "vllm.v1.serial_utils", values=("cloudpickle", "FunctionType", "VLLM_ALLOW_INSECURE_SERIALIZATION")),
-    # prompts are {"prompt_token_ids": [...], "cache_salt": "..."}: a TokensPrompt as a plain dict
+    # prompts are {"prompt_token_ids": [...], "cache_salt": "..."}: a TokensPrompt as a plain dict. Its keys
+    # are TypedDict fields, `cache_salt` inherited from _PromptOptions from 0.16 on (the module moved from
+    # vllm.inputs.data to vllm.inputs.llm in 0.20: see DIFFERENCES); vllm.inputs exports it in all four
     Use(EXPORT, "vllm.inputs", "TokensPrompt"),
-    Use(SOURCE, "vllm.inputs.data", "TokensPrompt", values=("prompt_token_ids", "cache_salt"), versions=("0.14.1",)),
-    Use(SOURCE, "vllm.inputs.llm", "TokensPrompt", values=("prompt_token_ids",), versions=("0.20.2",)),
-    Use(SOURCE, "vllm.inputs.llm", "_PromptOptions", values=("cache_salt",), versions=("0.20.2",)),
+    Use(FIELD, "vllm.inputs", "TokensPrompt.prompt_token_ids"),
+    Use(FIELD, "vllm.inputs", "TokensPrompt.cache_salt"),
     # executor backend and the worker extension (worker_extension_cls="rollfleet.runtime.ext...")
     Use(LITERALS, "vllm.config", "ParallelConfig.distributed_executor_backend", values=("uni", "mp")),
     Use(FIELD, "vllm.config", "ParallelConfig.worker_extension_cls"),
@@ -163,9 +177,11 @@ USES: tuple[Use, ...] = (
     Use(ATTR, _OUT, "CompletionOutput.finish_reason"),
     Use(FIELD, "vllm.logprobs", "Logprob.logprob"),
     # weight sync transport (sync.py): StatelessProcessGroup + PyNcclCommunicator.
-    # 0.14.1's dataclass has a required `socket` field that 0.20.2 dropped: sync.make_transport
-    # passes socket=None only where `dataclasses.fields` shows it
-    Use(CALL, _DU, "StatelessProcessGroup", ("*", "rank", "world_size", "store", "socket"), versions=("0.14.1",)),
+    # The dataclass has a required `socket` field up to 0.17 (vllm/distributed/utils.py:155 in 0.14.1,
+    # :154 in 0.16.0 and 0.17.1) that 0.20 dropped (0.20.2's class, utils.py:167, has none):
+    # sync.make_transport passes socket=None only where `dataclasses.fields` shows it
+    Use(CALL, _DU, "StatelessProcessGroup", ("*", "rank", "world_size", "store", "socket"),
+        versions=("0.14.1", "0.16.0", "0.17.1")),
     Use(CALL, _DU, "StatelessProcessGroup", ("*", "rank", "world_size", "store"), versions=("0.20.2",)),
     *(Use(FIELD, _DU, f"StatelessProcessGroup.{name}") for name in ("rank", "world_size", "store")),
     Use(CALL, _NCCL, "PyNcclCommunicator.__init__", ("group", "*", "device")),
@@ -176,18 +192,100 @@ USES: tuple[Use, ...] = (
     Use(ATTR, "vllm.v1.worker.gpu_model_runner", "GPUModelRunner.model"),
     Use(ATTR, "vllm.v1.worker.gpu.model_runner", "GPUModelRunner.model"),  # VLLM_USE_V2_MODEL_RUNNER=1
     Use(CALL, "vllm.model_executor.models.qwen2", "Qwen2ForCausalLM.load_weights", ("*", "weights")),
+
+    # ---- sleep mode, for the colocated mode (not used by the runtime yet: the colocated mode, issue 16)
+    Use(FIELD, "vllm.engine.arg_utils", "EngineArgs.enable_sleep_mode"),
+    Use(CALL, _ASYNC, "AsyncLLM.sleep", ("level",)),
+    Use(CALL, _ASYNC, "AsyncLLM.wake_up", ("tags",)),
+    Use(CALL, _ASYNC, "AsyncLLM.is_sleeping"),
+    # sleep(level, mode=...) with the pause modes: 0.17 on (async_llm.py:906 in 0.17.1, :902 in 0.20.2;
+    # 0.16.0's :939 and 0.14.1's :755 take only `level`)
+    Use(CALL, _ASYNC, "AsyncLLM.sleep", ("level", "*", "mode"), versions=_FROM_017),
+    # sleep(level=0) pauses scheduling only and wake_up(tags=["scheduling"]) resumes it: 0.17 on
+    # (vllm/v1/engine/core.py:643-660 / :681-695 in 0.17.1, :673-690 / :711-725 in 0.20.2). Before, the
+    # engine core hands any level to the worker (core.py:616 in 0.16.0, :569 in 0.14.1), whose sleep()
+    # treats every level but 1 as 2 (gpu_worker.py:135 in 0.16.0, :122 in 0.14.1): level 0 there drops
+    # the weights. So the colocated mode detects level 0 by this source, never by passing it.
+    Use(SOURCE, _CORE, "EngineCore.sleep", values=("level < 1", "pause_scheduler"), versions=_FROM_017),
+    Use(SOURCE, _CORE, "EngineCore.wake_up", values=('"scheduling"', "resume_scheduler"), versions=_FROM_017),
+
+    # ---- vLLM's native weight transfer (not used by the runtime yet: the native transfer path, issue 16)
+    # The NCCL engine, 0.16 on: vllm/distributed/weight_transfer/ (absent in 0.14.1), chosen by
+    # EngineArgs.weight_transfer_config (arg_utils.py:590 in 0.16.0, :608 in 0.17.1, :674 in 0.20.2), a
+    # WeightTransferConfig (vllm/config/weight_transfer.py:9; exported by vllm/config/__init__.py:51 in 0.16.0)
+    Use(MODULE, _WT, versions=_FROM_016),
+    Use(EXPORT, "vllm.config", "WeightTransferConfig", versions=_FROM_016),
+    Use(CALL, _WTC, "WeightTransferConfig", ("*", "backend"), versions=_FROM_016),
+    Use(LITERALS, _WTC, "WeightTransferConfig.backend", values=("nccl",), versions=_FROM_016),
+    Use(FIELD, "vllm.engine.arg_utils", "EngineArgs.weight_transfer_config", versions=_FROM_016),
+    # the request classes (weight_transfer/base.py:40, :47) and the calls taking them: AsyncLLM's raise
+    # TypeError on a plain dict (async_llm.py:1073-1076 / :1090-1095 in 0.16.0), LLM's take either
+    # (llm.py:1951 / :1968 in 0.16.0, :2012 / :2029 in 0.17.1, :1894 / :1911 in 0.20.2)
+    Use(CALL, _WTB, "WeightTransferInitRequest", ("*", "init_info"), versions=_FROM_016),
+    Use(CALL, _WTB, "WeightTransferUpdateRequest", ("*", "update_info"), versions=_FROM_016),
+    Use(CALL, _ASYNC, "AsyncLLM.init_weight_transfer_engine", ("request",), versions=_FROM_016),
+    Use(CALL, _ASYNC, "AsyncLLM.update_weights", ("request",), versions=_FROM_016),
+    Use(CALL, _LLM, "LLM.init_weight_transfer_engine", ("request",), versions=_FROM_016),
+    Use(CALL, _LLM, "LLM.update_weights", ("request",), versions=_FROM_016),
+    # in each worker, reached by collective_rpc(..., kwargs={"init_info"/"update_info": dict}):
+    # gpu_worker.py:950 / :967 in 0.16.0, :855 / :872 in 0.17.1, :941 / :958 in 0.20.2
+    Use(CALL, _WORKER, "Worker.init_weight_transfer_engine", ("init_info",), versions=_FROM_016),
+    Use(CALL, _WORKER, "Worker.update_weights", ("update_info",), versions=_FROM_016),
+    Use(FIELD, _WTB, "WeightTransferUpdateInfo.is_checkpoint_format", versions=_FROM_016),
+    # the NCCL backend's init / update dicts (nccl_engine.py:29 / :39 in 0.16.0, :29 / :65 from 0.17) and
+    # its packed format: buffers of 1 GiB, 2 of them by default (packed_tensor.py:13-14 in all three)
+    Use(CALL, _WTN, "NCCLWeightTransferInitInfo", ("*", "master_address", "master_port", "rank_offset", "world_size"),
+        versions=_FROM_016),
+    Use(CALL, _WTN, "NCCLWeightTransferUpdateInfo", ("*", "names", "dtype_names", "shapes", "packed",
+                                                     "packed_buffer_size_bytes", "packed_num_buffers",
+                                                     "is_checkpoint_format"), versions=_FROM_016),
+    Use(STATIC, _WTN, "NCCLWeightTransferEngine.trainer_init", ("init_info",), versions=_FROM_016),
+    Use(EXPORT, _WTP, "packed_broadcast_producer", versions=_FROM_016),
+    Use(EXPORT, _WTP, "packed_broadcast_consumer", versions=_FROM_016),
+    # the trainer's send: keyword arguments in 0.16 (nccl_engine.py:187-196 in 0.16.0), one `trainer_args`
+    # dict or NCCLTrainerSendWeightsArgs from 0.17 (nccl_engine.py:39 and :213-215 in 0.17.1, :214-216 in 0.20.2)
+    Use(STATIC, _WTN, "NCCLWeightTransferEngine.trainer_send_weights",
+        ("iterator", "group", "*", "src", "packed", "stream", "packed_buffer_size_bytes", "packed_num_buffers"),
+        versions=("0.16.0",)),
+    Use(STATIC, _WTN, "NCCLWeightTransferEngine.trainer_send_weights", ("iterator", "trainer_args"),
+        versions=_FROM_017),
+    Use(CALL, _WTN, "NCCLTrainerSendWeightsArgs",
+        ("*", "group", "src", "packed", "stream", "packed_buffer_size_bytes", "packed_num_buffers"),
+        versions=_FROM_017),
+    # The IPC engine, 0.17 on: config/weight_transfer.py:12 admits "ipc" (0.16.0's only "nccl"),
+    # factory.py:118-122 registers ipc_engine.py (IPCWeightTransferUpdateInfo: ipc_engine.py:53 in 0.17.1,
+    # :54 in 0.20.2; IPCTrainerSendWeightsArgs: :25 / :26; trainer_send_weights: :195 / :203)
+    Use(LITERALS, _WTC, "WeightTransferConfig.backend", values=("nccl", "ipc"), versions=_FROM_017),
+    Use(MODULE, _WTI, versions=_FROM_017),
+    Use(CALL, _WTI, "IPCWeightTransferInitInfo", versions=_FROM_017),  # no fields: nothing to set up
+    Use(CALL, _WTI, "IPCWeightTransferUpdateInfo", ("*", "names", "dtype_names", "shapes", "ipc_handles",
+                                                    "ipc_handles_pickled", "is_checkpoint_format"), versions=_FROM_017),
+    *(Use(FIELD, _WTI, f"IPCWeightTransferUpdateInfo.{name}", versions=_FROM_017)
+      for name in ("names", "dtype_names", "shapes", "ipc_handles", "ipc_handles_pickled")),
+    Use(STATIC, _WTI, "IPCWeightTransferEngine.trainer_send_weights", ("iterator", "trainer_args"), versions=_FROM_017),
+    Use(CALL, _WTI, "IPCTrainerSendWeightsArgs", ("*", "mode", "llm_handle", "url"), versions=_FROM_017),
 )
 
-# Known differences between 0.14.1 and 0.20.2 next to these surfaces (kept true by
-# tests/test_vllm_compat.py DIFFERENCES) -- do not rely on them without a per-version `versions=` split:
-#   StatelessProcessGroup(rank=, world_size=, store=): 0.14.1 also requires `socket` (None is fine for a
-#     group that does not own the listening socket); 0.20.2 has no `socket` field at all.
-#   StatelessProcessGroup.create(listen_socket=...), .broadcast/.send/.recv/.all_reduce: 0.20.2 only.
-#   PyNcclCommunicator.destroy(): 0.20.2 only.
-#   LLM.update_weights / LLM.init_weight_transfer_engine / Worker.update_weights,
-#     GPUModelRunner.reload_weights(weights_iterator=...): 0.20.2 only.
-#   LLM(swap_space=...), EngineArgs.swap_space / .logits_processor_pattern: 0.14.1 only.
-#   LLM.generate(tokenization_kwargs=, mm_processor_kwargs=): 0.20.2 only.
-#   SamplingParams(logits_processors=, truncate_prompt_tokens=): 0.14.1 only.
-#   WorkerWrapperBase.execute_method: 0.14.1 only.
-#   GPUModelRunner.load_model(eep_scale_up=) (0.14.1) vs (load_dummy_weights=) (0.20.2).
+# Known differences between the four versions next to these surfaces (kept true by
+# tests/test_vllm_compat.py DIFFERENCES, which cites file:line) -- do not rely on them without a
+# per-version `versions=` split:
+#   StatelessProcessGroup(rank=, world_size=, store=): up to 0.17 it also requires `socket` (None is fine
+#     for a group that does not own the listening socket); 0.20 has no `socket` field at all.
+#   StatelessProcessGroup.broadcast/.send/.recv/.all_reduce (tensors): 0.17 on. .create(listen_socket=...):
+#     0.20 only. PyNcclCommunicator.destroy(): 0.20 only.
+#   TokensPrompt: vllm/inputs/data.py up to 0.17, vllm/inputs/llm.py in 0.20 (`from vllm.inputs import`
+#     works in all); `cache_salt` comes from a _PromptOptions base from 0.16 on.
+#   AsyncLLM.sleep() resets the prefix cache itself in 0.14/0.16; from 0.17 the engine core's
+#     pause_scheduler(clear_cache=level >= 1) does, so sleep(level=0) keeps it.
+#   AsyncLLM.pause_generation(mode="abort"|"wait"|"keep"): 0.16 on (0.14.1: wait_for_inflight_requests=).
+#   AsyncLLM.shutdown(timeout=): 0.20 only.
+#   The native transfer: Worker.update_weights synchronizes the device after receiving only in 0.20
+#     (the NCCL receive is asynchronous); IPCWeightTransferUpdateInfo(ipc_handles_pickled=...) needs
+#     VLLM_ALLOW_INSECURE_SERIALIZATION=1 only in 0.20; the NCCL engine's worker rank uses
+#     parallel_config.data_parallel_rank up to 0.17, .data_parallel_index in 0.20.
+#   GPUModelRunner.reload_weights(weights_iterator=...): 0.16 on.
+#   LLM(swap_space=...), EngineArgs.swap_space: up to 0.17. EngineArgs.logits_processor_pattern: 0.14/0.16.
+#   LLM.generate(tokenization_kwargs=, mm_processor_kwargs=): 0.16 on.
+#   SamplingParams(logits_processors=, truncate_prompt_tokens=): 0.14/0.16.
+#   WorkerWrapperBase.execute_method: up to 0.17.
+#   GPUModelRunner.load_model(eep_scale_up=) (0.14/0.16) vs (load_dummy_weights=) (0.17 on).

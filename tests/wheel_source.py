@@ -1,22 +1,26 @@
 """Read single ``.py`` files out of a vLLM wheel on PyPI without downloading or installing it.
 
-The wheel is a zip file. ``files.pythonhosted.org`` honours HTTP ``Range`` requests, so we fetch the
-zip's central directory (a few hundred KB at the end of the file) once, then fetch each needed member
-(a local header plus its deflated bytes) on demand. A 250-500 MB wheel costs well under 1 MB of
-transfer for the dozen or so modules the compatibility test reads.
+The wheel is a zip file and ``files.pythonhosted.org`` honours HTTP ``Range`` requests, so
+``zipfile.ZipFile`` reads it through ``rollfleet.ranged.RangedFile`` (a seekable, read-only file
+object over range requests, with a block cache): the central directory costs two requests, each
+needed member one (its range is loaded ahead from the index). A 250-500 MB wheel costs about 1 MB
+of transfer for the modules the compatibility test reads.
 
 Integrity:
   * ``PINNED`` records the exact filename, URL and sha256 of each wheel used; PyPI's simple API must
     report exactly that URL and sha256 for that filename (the whole wheel is never hashed: that would
-    mean downloading it; the URL path itself is content-addressed by PyPI);
-  * every member's CRC-32 is checked when it is inflated;
+    mean downloading it; the URL path itself is content-addressed by PyPI), and every range response
+    must come from a file of the size PyPI reported;
+  * every member's CRC-32 is checked by ``zipfile`` when it is inflated, and must equal the CRC the
+    cached index recorded for it;
   * every extracted file must match the sha256 the wheel's own ``RECORD`` lists for it, when first
     extracted and every time it is read back from the cache (a damaged cache entry is refetched).
 
 Cache layout (``$ROLLFLEET_VLLM_SRC_CACHE`` or ``~/.cache/rollfleet/vllm-src``)::
 
     <version>/wheel.json    filename, url, sha256, size of the wheel used
-    <version>/index.json    zip index of the wheel's .py files + RECORD (name -> offset, sizes, crc)
+    <version>/index.json    zip index of the wheel's .py files + RECORD
+                            (name -> [header offset, compressed size, size, method, crc])
     <version>/RECORD        the wheel's RECORD
     <version>/vllm/...      extracted source files, at their path inside the wheel
 
@@ -29,15 +33,17 @@ import base64
 import hashlib
 import json
 import os
-import struct
 import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
+
+from rollfleet.ranged import RangedFile
 
 SIMPLE_API = "https://pypi.org/simple/vllm/"
 
@@ -51,6 +57,18 @@ PINNED: dict[str, tuple[str, str, str]] = {  # version -> (filename, url, sha256
         "vllm-0.14.1-cp38-abi3-manylinux_2_31_x86_64.whl",
         "435565a8299a5fcdbf5af4a798e342ddeec3f90df83c8227cc204bdebca19494",
     ),
+    "0.16.0": (  # the only 0.16 release
+        "vllm-0.16.0-cp38-abi3-manylinux_2_31_x86_64.whl",
+        f"{_FILES}/84/ce/44a5a999eb7116516a8d4a08ab9fe14df773f0da4b243ceffe76b0afe54a/"
+        "vllm-0.16.0-cp38-abi3-manylinux_2_31_x86_64.whl",
+        "f066b2a2f8597a4a3ada8fbbfd122b59086864b2260ca42dc81bf9fb57af0c42",
+    ),
+    "0.17.1": (  # the newest 0.17
+        "vllm-0.17.1-cp38-abi3-manylinux_2_31_x86_64.whl",
+        f"{_FILES}/18/28/f85e67b390082481298e27a5c9f1da540d2d5abb1a06a594545cdc320818/"
+        "vllm-0.17.1-cp38-abi3-manylinux_2_31_x86_64.whl",
+        "c52e892309532b4e51cb94d022c5e3c0087300cdb56e4645708601443299d871",
+    ),
     "0.20.2": (
         "vllm-0.20.2-cp38-abi3-manylinux_2_35_x86_64.whl",
         f"{_FILES}/c5/aa/4488d49c481a2184e6e285b8d3f937905205f52cd5ac30fb348770494b6e/"
@@ -60,7 +78,9 @@ PINNED: dict[str, tuple[str, str, str]] = {  # version -> (filename, url, sha256
 }
 
 _TIMEOUT_S = 30
-_TAIL_BYTES = 1 << 20  # first guess at central directory + EOCD size; refetched if too small
+_RETRY_PAUSE_S = 0.5
+_BLOCK = 8 << 10  # RangedFile block: small, so a member's transfer is close to its compressed size
+_LOCAL_HEADER_SLACK = 1024  # local file header (30 bytes) + name + extra field, loaded with the member
 
 
 class WheelSourceError(RuntimeError):
@@ -73,6 +93,7 @@ def cache_root() -> Path:
 
 
 def _urlopen(req: urllib.request.Request) -> bytes:
+    """The body of a small GET, retrying server errors and dropped connections."""
     last: Exception | None = None
     for attempt in range(3):
         try:
@@ -84,14 +105,10 @@ def _urlopen(req: urllib.request.Request) -> bytes:
             last = exc
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             last = exc
-        time.sleep(0.5 * (attempt + 1))
+        if attempt < 2:
+            time.sleep(_RETRY_PAUSE_S * (attempt + 1))
     assert last is not None
     raise last
-
-
-def _range(url: str, start: int, end_inclusive: int | None = None, *, suffix: int | None = None) -> bytes:
-    spec = f"bytes=-{suffix}" if suffix is not None else f"bytes={start}-{end_inclusive}"
-    return _urlopen(urllib.request.Request(url, headers={"Range": spec}))
 
 
 def _record_hash(data: bytes) -> str:
@@ -100,56 +117,17 @@ def _record_hash(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class _Member:
-    offset: int
+    """One entry of index.json: where a member lies in the wheel and what it inflates to."""
+
+    offset: int  # of its local file header
     csize: int
     usize: int
     method: int
     crc: int
 
-
-def _parse_central_directory(tail: bytes, tail_start: int) -> tuple[dict[str, _Member], int]:
-    """Parse EOCD (+ zip64) and the central directory found in ``tail`` (bytes from ``tail_start``).
-
-    Returns (members, cd_offset). If the central directory starts before ``tail_start`` the caller must
-    refetch a larger tail: members is then empty and cd_offset tells how far back to go.
-    """
-    eocd = tail.rfind(b"PK\x05\x06")
-    if eocd < 0:
-        raise WheelSourceError("zip end-of-central-directory record not found")
-    (_, _, _, _, n_entries, cd_size, cd_offset, _) = struct.unpack("<IHHHHIIH", tail[eocd : eocd + 22])
-    if cd_offset == 0xFFFFFFFF or n_entries == 0xFFFF:  # zip64
-        loc = tail.rfind(b"PK\x06\x07", 0, eocd)
-        (_, _, z64_off, _) = struct.unpack("<IIQI", tail[loc : loc + 20])
-        rec = tail[z64_off - tail_start : z64_off - tail_start + 56]
-        (_, _, _, _, _, _, _, n_entries, cd_size, cd_offset) = struct.unpack("<IQHHIIQQQQ", rec)
-    if cd_offset < tail_start:
-        return {}, cd_offset
-    members: dict[str, _Member] = {}
-    pos = cd_offset - tail_start
-    for _ in range(n_entries):
-        if tail[pos : pos + 4] != b"PK\x01\x02":
-            raise WheelSourceError("corrupt zip central directory")
-        (method, _, _, crc, csize, usize, nlen, xlen, clen) = struct.unpack("<HHHIIIHHH", tail[pos + 10 : pos + 34])
-        (offset,) = struct.unpack("<I", tail[pos + 42 : pos + 46])
-        name = tail[pos + 46 : pos + 46 + nlen].decode("utf-8")
-        extra = tail[pos + 46 + nlen : pos + 46 + nlen + xlen]
-        if 0xFFFFFFFF in (csize, usize, offset):  # zip64 extended information extra field
-            x = 0
-            while x + 4 <= len(extra):
-                hid, hlen = struct.unpack("<HH", extra[x : x + 4])
-                if hid == 1:
-                    vals = list(struct.unpack(f"<{hlen // 8}Q", extra[x + 4 : x + 4 + (hlen // 8) * 8]))
-                    if usize == 0xFFFFFFFF:
-                        usize = vals.pop(0)
-                    if csize == 0xFFFFFFFF:
-                        csize = vals.pop(0)
-                    if offset == 0xFFFFFFFF:
-                        offset = vals.pop(0)
-                    break
-                x += 4 + hlen
-        members[name] = _Member(offset, csize, usize, method, crc)
-        pos += 46 + nlen + xlen + clen
-    return members, cd_offset
+    @classmethod
+    def of(cls, info: zipfile.ZipInfo) -> _Member:
+        return cls(info.header_offset, info.compress_size, info.file_size, info.compress_type, info.CRC)
 
 
 class WheelSource:
@@ -166,6 +144,8 @@ class WheelSource:
         self._index: dict[str, _Member] | None = None
         self._record: dict[str, str] | None = None
         self._texts: dict[str, str | None] = {}
+        self._remote: RangedFile | None = None
+        self._zip: zipfile.ZipFile | None = None
 
     # -- wheel location and zip index ---------------------------------------------------------------
 
@@ -209,6 +189,26 @@ class WheelSource:
         return {"filename": self.filename, "url": self.url, "sha256": got, "size": f["size"],
                 "yanked": bool(f.get("yanked"))}
 
+    def _network(self, what: str, exc: Exception) -> WheelSourceError:
+        return WheelSourceError(
+            f"cannot fetch {what} from {self.url}: {exc}. Reading vLLM {self.version} sources needs network "
+            f"access to files.pythonhosted.org for files not yet cached under {self.dir}.")
+
+    def _open_zip(self) -> zipfile.ZipFile:
+        """The remote wheel as a ZipFile (reads its central directory: two range requests)."""
+        with self._lock:
+            if self._zip is None:
+                info = self.wheel()
+                remote = RangedFile(info["url"], info["size"], block_size=_BLOCK, timeout=_TIMEOUT_S)
+                try:
+                    self._zip = zipfile.ZipFile(remote)
+                except (urllib.error.URLError, OSError) as exc:
+                    raise self._network(f"the zip index of {self.filename}", exc) from exc
+                except zipfile.BadZipFile as exc:
+                    raise WheelSourceError(f"{self.filename}: not a readable zip file: {exc}") from exc
+                self._remote = remote
+            return self._zip
+
     def index(self) -> dict[str, _Member]:
         """Zip index of the wheel's .py files and its RECORD."""
         if self._index is None:
@@ -217,57 +217,45 @@ class WheelSource:
             if path.exists():
                 raw = json.loads(path.read_text())
             else:
-                raw = self._index_from_wheel()
+                raw = {i.filename: list(astuple(_Member.of(i))) for i in self._open_zip().infolist()
+                       if i.filename.endswith(".py") or i.filename.endswith(".dist-info/RECORD")}
                 _atomic_write(path, json.dumps(raw, sort_keys=True).encode())
             self._index = {name: _Member(*vals) for name, vals in raw.items()}
         return self._index
 
-    def _index_from_wheel(self) -> dict[str, list[int]]:
-        info = self.wheel()
-        url, size = info["url"], info["size"]
-        tail_len = _TAIL_BYTES
-        while True:
-            tail = self._get(url, f"the zip index of {self.filename}", suffix=tail_len)
-            tail_start = size - len(tail)
-            members, cd_offset = _parse_central_directory(tail, tail_start)
-            if members:
-                break
-            tail_len = size - cd_offset + 1024
-        keep = {n: m for n, m in members.items() if n.endswith(".py") or n.endswith(".dist-info/RECORD")}
-        return {n: [m.offset, m.csize, m.usize, m.method, m.crc] for n, m in keep.items()}
-
     # -- members --------------------------------------------------------------------------------------
 
-    def _get(self, url: str, what: str, start: int = 0, end: int | None = None, *, suffix: int | None = None) -> bytes:
+    def _load_ahead(self, names: list[str], workers: int = 8) -> None:
+        """Load the byte ranges of these members into the remote file's cache, concurrently."""
+        self._open_zip()
+        assert self._remote is not None
+        spans = [(m.offset, m.offset + 30 + len(n.encode()) + _LOCAL_HEADER_SLACK + m.csize)
+                 for n, m in ((n, self.index()[n]) for n in names)]
         try:
-            return _range(url, start, end, suffix=suffix)
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(lambda span: self._remote.fetch(*span), spans))
         except (urllib.error.URLError, OSError) as exc:
-            raise WheelSourceError(
-                f"cannot fetch {what} from {url}: {exc}. Reading vLLM {self.version} sources needs network "
-                f"access to files.pythonhosted.org for files not yet cached under {self.dir}."
-            ) from exc
+            raise self._network(f"{len(names)} source file(s)", exc) from exc
 
     def _fetch_member(self, name: str) -> bytes:
-        m = self.index()[name]
-        url = self.wheel()["url"]
-        slack = 30 + len(name.encode()) + 1024  # local header + name + generous local extra field
-        blob = self._get(url, name, m.offset, m.offset + m.csize + slack - 1)
-        if blob[:4] != b"PK\x03\x04":
-            raise WheelSourceError(f"{name}: no local file header at offset {m.offset}")
-        nlen, xlen = struct.unpack("<HH", blob[26:30])
-        start = 30 + nlen + xlen
-        if len(blob) < start + m.csize:
-            blob += self._get(url, name, m.offset + len(blob), m.offset + start + m.csize - 1)
-        comp = blob[start : start + m.csize]
-        if m.method == 0:
-            data = comp
-        elif m.method == 8:
-            data = zlib.decompress(comp, -15)
-        else:
-            raise WheelSourceError(f"{name}: unsupported zip compression method {m.method}")
-        if len(data) != m.usize or zlib.crc32(data) != m.crc:
-            raise WheelSourceError(f"{name}: CRC/size mismatch after download")
-        return data
+        """Member ``name`` inflated by zipfile (CRC-checked there), from the pinned remote wheel."""
+        want = self.index()[name]
+        zf = self._open_zip()
+        try:
+            info = zf.getinfo(name)
+        except KeyError:
+            raise WheelSourceError(f"{self.filename} has no member {name}, although index.json lists it") from None
+        if _Member.of(info) != want:
+            raise WheelSourceError(f"{name}: the wheel's central directory says {_Member.of(info)}, the cached "
+                                   f"index {self.dir / 'index.json'} says {want}; remove {self.dir}")
+        self._load_ahead([name])
+        try:
+            with zf.open(info) as member:
+                return member.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise self._network(name, exc) from exc
+        except (zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:  # bad CRC, bad header, method
+            raise WheelSourceError(f"{self.filename}: {name}: {exc}") from exc
 
     def record(self) -> dict[str, str]:
         """path -> 'sha256=...' from the wheel's RECORD."""
@@ -335,8 +323,9 @@ class WheelSource:
         if not names:
             return
         self.record()
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(self.read, names))
+        self._load_ahead(names, workers)  # concurrent range requests; the reads below then hit the cache
+        for name in names:
+            self.read(name)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -2,15 +2,15 @@
 
 For every pin, finds on PyPI the wheel that the image installs (the lock's hashes, CPython 3.12,
 manylinux x86_64 up to glibc 2.35, most specific tag first), and reads only the wheel's zip central
-directory (HTTP range requests) to add up its unpacked size. Prints the largest wheels and the
-totals that docs/image.md quotes. flash-attn is not on PyPI and is not counted.
+directory (zipfile over rollfleet.ranged.RangedFile, shared with tests/wheel_source.py: HTTP range
+requests) to add up its unpacked size. Prints the largest wheels and the totals that docs/image.md
+quotes. flash-attn is not on PyPI and is not counted.
 
     .venv/bin/python images/runtime/size_estimate.py [images/runtime/requirements.lock]
 """
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import sys
@@ -21,6 +21,8 @@ from pathlib import Path
 
 from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import parse_wheel_filename
+
+from rollfleet.ranged import RangedFile
 
 LOCK = Path(__file__).with_name("requirements.lock")
 PLATFORMS = [f"manylinux_2_{m}_x86_64" for m in range(35, 4, -1)] + [
@@ -42,37 +44,6 @@ def parse_lock(text: str) -> dict[str, tuple[str, set[str]]]:
     return pins
 
 
-class Ranged(io.RawIOBase):
-    """A seekable read-only view of a remote file through HTTP range requests."""
-
-    def __init__(self, url: str, size: int):
-        self.url, self.size, self.pos = url, size, 0
-
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = [offset, self.pos + offset, self.size + offset][whence]
-        return self.pos
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), self.size - self.pos)
-        if n <= 0:
-            return 0
-        request = urllib.request.Request(self.url, headers={"Range": f"bytes={self.pos}-{self.pos + n - 1}"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            data = response.read()
-        buffer[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
 def measure(name: str, version: str, hashes: set[str]) -> tuple[str, str, str, int, int]:
     request = urllib.request.Request(f"https://pypi.org/simple/{name}/",
                                      headers={"Accept": "application/vnd.pypi.simple.v1+json"})
@@ -89,7 +60,7 @@ def measure(name: str, version: str, hashes: set[str]) -> tuple[str, str, str, i
     if best is None:
         raise SystemExit(f"{name}=={version}: no wheel for CPython 3.12 manylinux_2_35 x86_64 in the lock")
     f = best[1]
-    with zipfile.ZipFile(io.BufferedReader(Ranged(f["url"], f["size"]), buffer_size=1 << 16)) as z:
+    with zipfile.ZipFile(RangedFile(f["url"], f["size"])) as z:
         unpacked = sum(i.file_size for i in z.infolist())
     return name, version, f["filename"], f["size"], unpacked
 
