@@ -85,3 +85,18 @@ def test_rollfleet_demo_passes_end_to_end(tmp_path):
     for r in rows:
         assert r["checksums_ok"] is True, r
         assert r["outputs_changed"] is True and r["versions_stamped"] is True, r
+
+
+@pytest.mark.slow
+def test_rollfleet_demo_colocated_passes_end_to_end(tmp_path):
+    """`rollfleet demo --colocated`: each trainer rank and its stand-in engine share a slot; the engine
+    sleeps while the rank trains and gets the weights through the shared-memory stand-in for CUDA IPC."""
+    proc = subprocess.run([sys.executable, "-m", "rollfleet.cli", "demo", "--colocated"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=400)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert "rollfleet demo (colocated)" in out and "shared memory in place of CUDA IPC" in out and ": PASS" in out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("ROLLFLEET_RESULT ")]
+    rows = json.loads(line.removeprefix("ROLLFLEET_RESULT "))
+    assert [r["version"] for r in rows] == [1, 2, 3] and all(r["staleness"] == 0 for r in rows)
+    assert all(r["checksums_ok"] and r["outputs_changed"] and r["versions_stamped"] for r in rows)

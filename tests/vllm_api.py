@@ -109,7 +109,7 @@ class Use:
 ENGINE_ARGS = (
     "model", "tokenizer", "revision", "dtype", "seed", "tensor_parallel_size", "gpu_memory_utilization",
     "enable_prefix_caching", "enforce_eager", "max_model_len", "max_num_seqs", "distributed_executor_backend",
-    "worker_extension_cls", "disable_log_stats",
+    "worker_extension_cls", "disable_log_stats", "enable_sleep_mode",
     "load_format",  # not passed by engine.py (may come via vllm.extraEngineArgs; the benchmarks use it)
 )
 # SamplingParams(...) keywords (a msgspec.Struct: class-level annotated fields): rollout.SAMPLING_DEFAULTS
@@ -193,8 +193,8 @@ USES: tuple[Use, ...] = (
     Use(ATTR, "vllm.v1.worker.gpu.model_runner", "GPUModelRunner.model"),  # VLLM_USE_V2_MODEL_RUNNER=1
     Use(CALL, "vllm.model_executor.models.qwen2", "Qwen2ForCausalLM.load_weights", ("*", "weights")),
 
-    # ---- sleep mode, for the colocated mode (not used by the runtime yet: the colocated mode, issue 16)
-    Use(FIELD, "vllm.engine.arg_utils", "EngineArgs.enable_sleep_mode"),
+    # ---- sleep mode: the colocated layout (engine.py VllmCore.sleep / wake_up; level 2, then "weights",
+    # then "kv_cache": the order that is safe on every line, the scheduler held by rollfleet's admission gate)
     Use(CALL, _ASYNC, "AsyncLLM.sleep", ("level",)),
     Use(CALL, _ASYNC, "AsyncLLM.wake_up", ("tags",)),
     Use(CALL, _ASYNC, "AsyncLLM.is_sleeping"),

@@ -1,5 +1,5 @@
 """`rollfleet bench`: speed is measured here and written down (docs/benchmarks.md), never asserted
-in tests. `sync` runs here on the CPU (gloo); `gpu` and `rollout` need a GPU host with vLLM."""
+in tests. `sync` runs here on the CPU (gloo); `gpu`, `rollout` and `colocated` need a GPU host with vLLM."""
 
 from __future__ import annotations
 
@@ -32,6 +32,27 @@ def add_command(sub, func) -> None:
     g.add_argument("--profile", action="store_true", help="also: the ceiling at the bucket size, other bucket sizes")
     g.add_argument("--skip-baseline", action="store_true", help="skip the per-tensor baseline")
     g.add_argument("--json", help="also write the results here")
+    r = which.add_parser("rollout", help="GPU host: a long-tail GRPO workload, batch vs async vs bare AsyncLLM, "
+                                         "and the push cost per in-flight policy (with a trainer GPU)")
+    r.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    r.add_argument("--steps", type=int, default=3)
+    r.add_argument("--prompts", type=int, default=64)
+    r.add_argument("--samples", type=int, default=8)
+    r.add_argument("--median-tokens", type=int, default=300)
+    r.add_argument("--max-tokens", type=int, default=4096)
+    r.add_argument("--sigma", type=float, default=0.8, help="of the log-normal response lengths")
+    r.add_argument("--inflight", type=int, default=512, help="samples in flight (async and bare)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--push-every", type=float, default=2.0, help="seconds between pushes (with a trainer GPU)")
+    r.add_argument("--skip-push", action="store_true")
+    r.add_argument("--workdir", default="/tmp/rollfleet-bench")
+    r.add_argument("--json", help="also write the results here")
+    c = which.add_parser("colocated", help="one GPU: the colocated push vs the on-GPU copy ceiling, sleep/wake, memory")
+    c.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-7b")
+    c.add_argument("--repeat", type=int, default=5)
+    c.add_argument("--gpu-memory-utilization", type=float, default=0.45)
+    c.add_argument("--workdir", default="/tmp/rollfleet-bench")
+    c.add_argument("--json", help="also write the results here")
     p.set_defaults(func=func)
 
 
@@ -42,9 +63,10 @@ def main(args) -> int:
         result = bench_sync(args)
         print_sync(result)
     else:
-        from rollfleet.bench.gpu import bench_gpu
+        from rollfleet.bench import colocated, gpu, rollout
 
-        result = bench_gpu(args)
+        run = {"gpu": gpu.bench_gpu, "rollout": rollout.bench_rollout, "colocated": colocated.bench_colocated}
+        result = run[args.which](args)
         print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

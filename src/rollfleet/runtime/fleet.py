@@ -234,11 +234,18 @@ class WeightSender:
         self.store = store  # keeps the rendezvous server alive for the group's lifetime
         self.broken: str | None = None
 
-    def push(self, named_tensors: Iterable[tuple[str, Any]], verify: bool | None = None) -> PushStats:
-        """Stream HF-named, unsharded tensors to every engine, bucket by bucket, consuming the
-        iterable lazily (extra memory on this rank: two buckets + the one tensor read ahead). Each
+    def push(self, named_tensors: Iterable[tuple[str, Any]] | Any, verify: bool | None = None) -> PushStats:
+        """Stream HF-named, unsharded tensors (or a model, gathered by trainer_group.full_tensors, which
+        every trainer rank must then iterate too: ctx.push does) to every engine, bucket by bucket,
+        consuming them lazily (extra memory on this rank: two buckets + the one tensor read ahead). Each
         engine applies `sync.inflight`, loads, resets its prefix cache, and its checksums must equal
         the sender's (`verify`, default sync.verifyChecksums)."""
+        import torch
+
+        if isinstance(named_tensors, torch.nn.Module):
+            from rollfleet.runtime.trainer_group import full_tensors
+
+            named_tensors = full_tensors(named_tensors)
         if self.broken:
             raise sync.SyncError(f"push v{self.version + 1}: the sync group is broken since {self.broken}; "
                                  f"restart the fleet to form it again")

@@ -32,12 +32,23 @@ def _gpu_uuid(device: torch.device) -> str:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
+EXPANDABLE = ("CUDA IPC cannot hand over memory the caching allocator maps with expandable_segments "
+              "(pytorch#165685); remove expandable_segments:True from PYTORCH_CUDA_ALLOC_CONF in env")
+
+
 def share(t: torch.Tensor) -> dict[str, Any]:
     """A picklable handle to `t`'s memory (CUDA IPC; on CPU `t` must be in shared memory)."""
+    import os
+
     from torch.multiprocessing import reductions
 
     if t.is_cuda:
-        rebuild, args = reductions.reduce_tensor(t)
+        if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
+            raise sync.SyncError(EXPANDABLE)
+        try:
+            rebuild, args = reductions.reduce_tensor(t)
+        except RuntimeError as exc:
+            raise sync.SyncError(f"CUDA IPC: cannot share {tuple(t.shape)} {t.dtype} ({exc}); {EXPANDABLE}") from None
         return {"cuda": True, "rebuild": rebuild, "args": args, "uuid": _gpu_uuid(t.device)}
     if not t.is_shared():
         raise ValueError("a CPU tensor must be in shared memory (share_memory_()) to be handed over")
@@ -63,7 +74,13 @@ def open_handle(handle: dict[str, Any]) -> torch.Tensor:
         raise RuntimeError(f"CUDA IPC: GPU {handle['uuid']} is not visible in this process; the engine and the "
                            f"trainer rank must share the GPU (the colocated layout places them together)")
     args[6] = index  # storage_device (rebuild_cuda_tensor's 7th argument)
-    return handle["rebuild"](*args)
+    try:
+        return handle["rebuild"](*args)
+    except RuntimeError as exc:  # e.g. cudaIpcOpenMemHandle refused by the container's seccomp profile
+        raise RuntimeError(f"CUDA IPC: cannot open the trainer rank's memory ({exc}). The trainer rank and the "
+                           f"engine must run in one pod (the colocated worker group does); CUDA IPC needs the "
+                           f"IPC syscalls the default seccomp profile allows unless expandable segments are on: "
+                           f"{EXPANDABLE}") from None
 
 
 def checksum(t: torch.Tensor) -> int:

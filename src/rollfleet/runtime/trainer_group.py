@@ -78,17 +78,16 @@ class TrainerContext:
         return tiny.resolve(self.spec.model.name)
 
     def push(self, model_or_tensors) -> Any:
-        """Every rank calls it after its optimizer step: gathers the model tensor by tensor (see
-        `full_tensors`) and rank 0 streams it to every engine. Returns PushStats on rank 0, else None."""
+        """Every rank calls it after its optimizer step: the model is gathered tensor by tensor (see
+        `full_tensors`) and rank 0 streams it to every engine; colocated, every rank hands it to the
+        engine on its GPU (ipc.IpcSender). Returns the push's stats where this rank sent, else None."""
         import torch
 
-        tensors = full_tensors(model_or_tensors) if isinstance(model_or_tensors, torch.nn.Module) \
-            else iter(model_or_tensors)
         stats = None
         if self.sender is not None:
-            stats = self.sender.push(tensors)
-        else:
-            for _ in tensors:  # take part in every gather
+            stats = self.sender.push(model_or_tensors)
+        elif isinstance(model_or_tensors, torch.nn.Module):
+            for _ in full_tensors(model_or_tensors):  # take part in every gather
                 pass
         self.version += 1
         return stats
