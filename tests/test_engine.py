@@ -272,6 +272,43 @@ def test_a_prefix_cache_reset_that_fails_is_an_error_and_the_version_is_not_stam
     assert actor.health()["weight_version"] == 0 and "stale KV" in actor.health()["last_error"]
 
 
+class _Ordered:
+    """A core that records when each call was made and lets a receive finish only when told."""
+
+    kind = "fake"
+
+    def __init__(self):
+        import asyncio
+
+        self.calls: list[str] = []
+        self.release = asyncio.Event()
+
+    async def receive(self, push, timeout_s):
+        self.calls.append("receive")
+        await self.release.wait()
+        self.calls.append("received")
+        return [{"checksums": [], "seconds": 0.0}]
+
+    async def reset_prefix_cache(self, reset_running_requests=False):
+        self.calls.append("reset")
+        return True
+
+
+def test_a_push_is_one_engine_core_round_trip_the_reset_sent_right_behind_the_receive():
+    from rollfleet.runtime.engine import Scheduler
+
+    actor = EngineActor(runtime_config(demo.local_spec()), 0, "unused")
+    actor.core = _Ordered()
+    actor.sched = Scheduler(0, actor.spec, actor.core)
+    t, box = None, {}
+    t = threading.Thread(target=lambda: box.update(ack=actor.receive(sync.Push(1, 1 << 20, True))))
+    t.start()
+    wait_for(lambda: actor.core.calls[:2] == ["receive", "reset"], "both calls sent")  # before the receive is done
+    actor.loop.call_soon_threadsafe(actor.core.release.set)
+    t.join(10)
+    assert actor.core.calls == ["receive", "reset", "received"] and box["ack"]["version"] == 1
+
+
 # ---- vLLM's sampling params, start errors --------------------------------------------------------
 
 

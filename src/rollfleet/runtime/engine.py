@@ -279,12 +279,19 @@ class Scheduler:
             self.counts["aborted"] += aborted
         t_ready = time.perf_counter()
         self.enter("receiving")
+        # One engine-core round trip: the reset is sent right behind the receive, and the engine core runs
+        # utility calls in the order they came, so it resets the moment the last bucket is loaded.
+        receive = asyncio.ensure_future(self.core.receive(push, self.spec.sync.timeout_seconds))
+        reset = asyncio.ensure_future(self.core.reset_prefix_cache(reset_running_requests=policy == "keep"))
         try:
-            workers = await self.core.receive(push, self.spec.sync.timeout_seconds)
+            try:
+                workers = await receive
+            finally:
+                reset_ok = await asyncio.gather(reset, return_exceptions=True)
             t_received = time.perf_counter()
-            if not await self.core.reset_prefix_cache(reset_running_requests=policy == "keep"):
-                raise sync.SyncError(f"engine {self.index}: reset_prefix_cache() returned False after push "
-                                     f"v{push.version}; stale KV would corrupt rollouts")
+            if reset_ok[0] is not True:
+                raise sync.SyncError(f"engine {self.index}: reset_prefix_cache() returned {reset_ok[0]!r} after "
+                                     f"push v{push.version}; stale KV would corrupt rollouts")
         except BaseException as exc:  # an error, or the actor's own deadline cancelling us
             reason = (f"engine {self.index}: push v{push.version} failed ({type(exc).__name__}: {exc}); its weights "
                       f"are undefined and the sync group is broken: restart the fleet to form it again")
@@ -301,8 +308,7 @@ class Scheduler:
             "engine": self.index, "version": push.version, "policy": policy, "in_flight": in_flight,
             "aborted": aborted, "checksums": [w["checksums"] for w in workers],
             "worker_seconds": max(w["seconds"] for w in workers), "drain_seconds": t_ready - t0,
-            "receive_rpc_seconds": t_received - t_ready, "reset_seconds": done - t_received,
-            "paused_seconds": done - t0}
+            "receive_reset_seconds": t_received - t_ready, "paused_seconds": done - t0}
         return self.last_push
 
     # ---- the colocated layout (the loop) ------------------------------------------------------
@@ -437,11 +443,12 @@ class EngineActor:
         """Never waits for the loop or the engine: answers while a push or generation is in flight."""
         s = self.sched
         if s is None:
-            return {"engine": self.index, "state": self.phase, "for_seconds": round(time.time() - self.since, 3),
+            return {"engine": self.index, "pid": os.getpid(), "state": self.phase,
+                    "for_seconds": round(time.time() - self.since, 3),
                     "weight_version": 0, "last_error": self.last_error, "sync_group": self.sync_group,
                     "running_samples": 0, "queued_requests": 0}
         phase = ("generating" if s.running else "idle") if s.phase == "ready" else s.phase
-        return {"engine": self.index, "state": phase, "for_seconds": round(time.time() - s.since, 3),
+        return {"engine": self.index, "pid": os.getpid(), "state": phase, "for_seconds": round(time.time() - s.since, 3),
                 "weight_version": s.version, "last_error": s.failed or self.last_error,
                 "sync_group": "broken: form it again (restart the fleet)" if s.failed else self.sync_group,
                 "running_samples": sum(len(g.todo) for g in list(s.running.values())),

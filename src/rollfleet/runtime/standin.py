@@ -85,6 +85,7 @@ class StandinCore:
         self.max_model_len = spec.model.max_model_len or self.model.config.max_position_embeddings
         self.eos = self.tokenizer.eos_token_id
         self._wake = asyncio.Event()
+        self._utility = asyncio.Lock()  # like vLLM's engine core: utility calls run one at a time, in order
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     # ---- requests -------------------------------------------------------------------------------
@@ -241,6 +242,10 @@ class StandinCore:
 
     async def receive(self, push: sync.Push, timeout_s: float) -> list[dict[str, Any]]:
         """Receive one push into the model; the scheduler does not step meanwhile."""
+        async with self._utility:
+            return await self._receive(push, timeout_s)
+
+    async def _receive(self, push: sync.Push, timeout_s: float) -> list[dict[str, Any]]:
         self.paused = True
         try:
             t0 = time.perf_counter()
@@ -252,6 +257,10 @@ class StandinCore:
             self._wake.set()
 
     async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        async with self._utility:
+            return self._reset(reset_running_requests)
+
+    def _reset(self, reset_running_requests: bool) -> bool:
         if self.running and not reset_running_requests:
             return False  # vLLM: blocks still in use
         self.prefix.clear()
