@@ -91,7 +91,9 @@ IMAGE_VLLM := $(shell sed -n 's/^vllm==\([^ ]*\).*/\1/p' images/runtime/requirem
 IMAGE_DESCRIBE := $(shell git describe --tags --always --dirty 2>/dev/null || echo unknown)
 IMAGE_REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 
-.PHONY: images lock lint-images base-digest lock-flash-attn image-standin
+.PHONY: images lock lint-images base-digest lock-flash-attn image-standin trainer-image
+TRAINER_DIR ?= examples
+TRAINER_IMAGE ?= rollfleet-trainer:dev
 images: ## build the runtime image with docker buildx; needs CUDA_BASE_DIGEST=sha256:... (make base-digest)
 	@[[ "$(CUDA_BASE_DIGEST)" =~ ^sha256:[0-9a-f]{64}$$ ]] || { echo "error: CUDA_BASE_DIGEST=sha256:<64 hex> \
 	is required: the digest of $(CUDA_BASE), read from the registry with \`make base-digest\` (docs/image.md)" >&2; exit 1; }
@@ -116,8 +118,13 @@ lock-flash-attn: ## download flash-attn's release wheel (GitHub) and check it ag
 	elif [ "$$got" = "$$want" ]; then echo "ok: equals the Dockerfile's FLASH_ATTN_SHA256"; \
 	else echo "error: the Dockerfile pins $$want; investigate before changing it" >&2; exit 1; fi
 
-lint-images: venv ## hadolint images/runtime/Dockerfile (ignores documented in images/runtime/.hadolint.yaml)
-	$(BIN)/hadolint --config images/runtime/.hadolint.yaml images/runtime/Dockerfile
+lint-images: venv ## hadolint both Dockerfiles (ignores documented in images/runtime/.hadolint.yaml)
+	$(BIN)/hadolint --config images/runtime/.hadolint.yaml images/runtime/Dockerfile images/trainer/Dockerfile
+
+trainer-image: ## your trainer code (TRAINER_DIR) on the runtime image, as TRAINER_IMAGE (docker buildx)
+	docker buildx build --platform linux/amd64 -f images/trainer/Dockerfile \
+	  --build-arg BASE_IMAGE=$(IMAGE_REPO):$(IMAGE_VERSION)-vllm$(IMAGE_VLLM) \
+	  -t $(TRAINER_IMAGE) $(IMAGE_OUTPUT) $(TRAINER_DIR)
 
 image-standin: venv ## buildah stand-in build of the Dockerfile on a local Debian base (root; no registry; docs/image.md)
 	UV=$(BIN)/uv images/runtime/standin.sh

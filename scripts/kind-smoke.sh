@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # kind smoke test of rollfleet on one GPU host: an nvkind cluster, the NVIDIA device plugin, the KubeRay
-# operator, the runtime image loaded into kind, the chart installed with manifests/examples/kind.yaml,
-# then a wait until the RayJob succeeds and the tail of its logs. The cluster is deleted on exit.
+# operator, the runtime image loaded into kind, the chart installed with the kind profile, then a wait
+# until the RayJob succeeds and the tail of its logs. The cluster is deleted on exit. The profile follows
+# the host: manifests/examples/kind.yaml (1 trainer GPU + 1 engine GPU) with 2 GPUs or more,
+# manifests/examples/kind-colocated.yaml (trainer and engine share the GPU) with one.
 #
-# Needs: docker with the NVIDIA container toolkit set up for nvkind (see docs/deploy.md), >= 2 GPUs,
+# Needs: docker with the NVIDIA container toolkit set up for nvkind (see docs/deploy.md), a GPU,
 # nvkind, kind, helm, kubectl, the runtime image in the local docker (make images, or docker pull), and
 # .venv (make venv). Not run by CI: there is no GPU host there.
 #
@@ -11,14 +13,14 @@
 #
 # Environment: CLUSTER, VALUES, IMAGE, KUBERAY_VERSION, DEVICE_PLUGIN_VERSION, TIMEOUT (seconds for the
 # RayJob to succeed), KEEP=1 (leave the cluster up), HF_TOKEN (optional; passed to kubectl on stdin,
-# never printed).
+# never printed), GPUS (the host's GPU count; found with nvidia-smi, 2 in a dry run).
 set -euo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "kind-smoke: unknown argument $arg (use --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -26,7 +28,12 @@ done
 cd "$(dirname "$0")/.."
 CLUSTER="${CLUSTER:-rollfleet-smoke}"
 CONTEXT="kind-${CLUSTER}"
-VALUES="${VALUES:-manifests/examples/kind.yaml}"
+if [[ "$DRY_RUN" == 1 ]]; then
+  GPUS="${GPUS:-2}"
+else
+  GPUS="${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)}"
+fi
+if ((GPUS >= 2)); then VALUES="${VALUES:-manifests/examples/kind.yaml}"; else VALUES="${VALUES:-manifests/examples/kind-colocated.yaml}"; fi
 IMAGE="${IMAGE:-ghcr.io/rollfleet/runtime:0.1.0-vllm0.14.1}"
 KUBERAY_VERSION="${KUBERAY_VERSION:-1.7.0}"
 DEVICE_PLUGIN_VERSION="${DEVICE_PLUGIN_VERSION:-0.17.1}"
@@ -36,6 +43,8 @@ ROLLFLEET="${ROLLFLEET:-.venv/bin/rollfleet}"
 PYTHON="${PYTHON:-.venv/bin/python}"
 RELEASE=rollfleet-smoke
 NAMESPACE="$("$PYTHON" -c 'import sys, yaml; print((yaml.safe_load(open(sys.argv[1])) or {}).get("namespace", "default"))' "$VALUES")"
+# GPUs the profile asks for: every pool's, once (the colocated pool's GPUs hold trainer and engine alike)
+NEED="$("$PYTHON" -c 'import sys; from rollfleet.render import load_values; s = load_values(sys.argv[1]); print(sum(p.gpus for _, p, _ in s.groups))' "$VALUES")"
 
 log() { printf '\n== kind-smoke: %s\n' "$*"; }
 
@@ -63,9 +72,9 @@ wait_for() {
   done
 }
 
-gpus_allocatable() {  # succeeds once the nodes together offer >= 2 allocatable nvidia.com/gpu
+gpus_allocatable() {  # succeeds once the nodes together offer the profile's allocatable nvidia.com/gpu
   kubectl --context "$CONTEXT" get nodes -o jsonpath='{range .items[*]}{.status.allocatable.nvidia\.com/gpu}{"\n"}{end}' |
-    awk '{ total += $1 } END { exit !(total >= 2) }'
+    awk -v need="$NEED" '{ total += $1 } END { exit !(total >= need) }'
 }
 
 CREATED=0
@@ -90,8 +99,7 @@ else
   for tool in docker nvkind kind helm kubectl nvidia-smi; do
     command -v "$tool" >/dev/null || { echo "kind-smoke: $tool is not on PATH (docs/deploy.md lists what to install)" >&2; exit 2; }
   done
-  gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
-  ((gpus >= 2)) || { echo "kind-smoke: needs >= 2 GPUs (1 trainer + 1 inference), this host has $gpus" >&2; exit 2; }
+  ((GPUS >= NEED)) || { echo "kind-smoke: $VALUES needs $NEED GPU(s), this host has $GPUS" >&2; exit 2; }
   docker image inspect "$IMAGE" >/dev/null 2>&1 ||
     { echo "kind-smoke: image $IMAGE is not in the local docker: build it (make images) or docker pull it, or set IMAGE" >&2; exit 2; }
 fi
@@ -107,7 +115,7 @@ run helm repo add kuberay https://ray-project.github.io/kuberay-helm/ --force-up
 run helm repo update nvdp kuberay
 run helm upgrade --install nvidia-device-plugin nvdp/nvidia-device-plugin --version "$DEVICE_PLUGIN_VERSION" \
   --kube-context "$CONTEXT" --namespace nvidia --create-namespace --wait --timeout 5m
-wait_for "2 allocatable nvidia.com/gpu on the kind nodes" 300 gpus_allocatable
+wait_for "$NEED allocatable nvidia.com/gpu on the kind nodes" 300 gpus_allocatable
 
 log "KubeRay operator $KUBERAY_VERSION (with its CRDs)"
 run helm upgrade --install kuberay-operator kuberay/kuberay-operator --version "$KUBERAY_VERSION" \

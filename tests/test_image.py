@@ -84,9 +84,11 @@ def _stages(dockerfile: str) -> dict[str, str]:
     return {part.split("\n", 1)[0].split(" AS ")[-1].strip(): part for part in parts}
 
 
-def test_hadolint_is_clean_with_only_documented_ignores():
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, DOCKERFILE.parents[1] / "trainer" / "Dockerfile"],
+                         ids=["runtime", "trainer"])
+def test_hadolint_is_clean_with_only_documented_ignores(dockerfile):
     config = IMAGE / ".hadolint.yaml"
-    run = subprocess.run([_tool("hadolint"), "--config", str(config), str(DOCKERFILE)],
+    run = subprocess.run([_tool("hadolint"), "--config", str(config), str(dockerfile)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, f"hadolint findings:\n{run.stdout}{run.stderr}"
     text = config.read_text()
@@ -231,3 +233,14 @@ def test_standin_build_proves_user_layout_and_probes():
         pytest.skip(f"buildah can't run here: {run.stderr.strip()[-300:]}")
     assert run.returncode == 0, f"{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
     assert "image-standin: OK" in run.stdout
+
+
+def test_the_trainer_image_derives_from_the_runtime_image_make_images_builds():
+    """images/trainer/Dockerfile starts FROM the tag `make images` gives the runtime image, and puts the
+    trainer's directory on PYTHONPATH (job.entrypoint: module:function imports from it)."""
+    text = (DOCKERFILE.parents[1] / "trainer" / "Dockerfile").read_text()
+    from rollfleet.spec import IMAGE_TAG
+
+    assert f"ARG BASE_IMAGE=ghcr.io/rollfleet/runtime:{IMAGE_TAG}" in text and "FROM ${BASE_IMAGE}" in text
+    assert "COPY --chown=1000:100 . /opt/trainer/" in text and "ENV PYTHONPATH=/opt/trainer" in text
+    assert "--require-hashes" in text

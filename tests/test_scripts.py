@@ -92,3 +92,21 @@ def test_kind_values_profile_is_small():
     assert (spec.pools.trainer.gpus, spec.pools.inference.gpus) == (1, 1)
     assert spec.pools.trainer.gpu_product is None and spec.pools.inference.gpu_product is None
     assert spec.model.name == "Qwen/Qwen2.5-0.5B-Instruct" and spec.model.hf_token_secret is None
+
+
+def test_kind_smoke_on_a_one_gpu_host_takes_the_colocated_profile():
+    commands, output = dry_run("--dry-run", GPUS="1")
+    assert [".venv/bin/rollfleet", "validate", "-f", "manifests/examples/kind-colocated.yaml"] in commands
+    chart = next(c for c in commands if "charts/rollfleet" in c)
+    assert chart[chart.index("-f") + 1] == "manifests/examples/kind-colocated.yaml"
+    assert "waiting up to 300s for 1 allocatable nvidia.com/gpu on the kind nodes" in output
+
+
+def test_kind_colocated_profile_shares_its_one_gpu():
+    from rollfleet.golden import EXAMPLES
+    from rollfleet.render import load_values
+
+    spec = load_values(EXAMPLES / "kind-colocated.yaml")
+    assert spec.colocated and spec.pools.colocated.gpus == 1 and spec.engines == 1
+    assert spec.trainer_pool is spec.inference_pool and spec.pools.colocated.gpu_product is None
+    assert spec.model.name == "Qwen/Qwen2.5-0.5B-Instruct" and spec.rollout.max_staleness == 0
