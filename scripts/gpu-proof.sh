@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU proof (docs/benchmarks.md): real vLLM engines on a GPU host with no network.
 # Prepare the host with ../shared/offline-gpu-vllm (vllm 0.20.2 + ray 2.52.1 into /root/site), then:
-#   bash scripts/gpu-proof.sh tests|bench|all   (results under $OUT, default ./gpu-results)
+#   bash scripts/gpu-proof.sh tests|bench|rollout|colocated|all   (results under $OUT, default ./gpu-results)
+# tests: tests/test_gpu.py (1 GPU runs the colocated case; 2-3 the dedicated ones); bench: rollfleet bench gpu
+# (2+ GPUs); rollout: rollfleet bench rollout (1 GPU; a 2nd adds the push costs); colocated: bench colocated (1 GPU)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 what=${1:-all}
@@ -29,4 +31,13 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   rc=$(( rc || PIPESTATUS[0] ))
   tail -n 80 "$OUT/bench-gpu.log"
 fi
+for which in rollout colocated; do
+  if [ "$what" = "$which" ] || [ "$what" = all ]; then
+    read -ra extra <<< "${BENCH_ARGS:-}"
+    timeout "${BENCH_TIMEOUT:-560}" "$PY" -m rollfleet.cli bench "$which" "${extra[@]}" --json "$OUT/bench-$which.json" 2>&1 \
+      | tail -n 300 > "$OUT/bench-$which.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+    tail -n 60 "$OUT/bench-$which.log"
+  fi
+done
 exit "$rc"

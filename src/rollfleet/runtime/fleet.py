@@ -34,8 +34,9 @@ class PushStats:
     seconds: float
     engines: int
     checksums_ok: bool | None  # None when sync.verifyChecksums is off
-    send_seconds: float  # rank 0's data path: pack + broadcast until the last bucket left
-    profile: tuple = ()  # per engine: drain / receive RPC / reset / paused seconds, in-flight policy
+    send_seconds: float  # the sender's data path: pack + send until the last bucket left
+    profile: tuple = ()  # per engine: drain / receive+reset / paused seconds, in-flight policy
+    mode: str = "nccl"  # nccl (a broadcast from rank 0); colocated: direct or staged (ipc.py)
 
     @property
     def gbps(self) -> float:
@@ -279,7 +280,7 @@ class WeightSender:
         profile = tuple({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items() if k != "checksums"}
                         for r in results)
         return PushStats(push.version, sent.bytes, sent.buckets, sent.tensors, seconds, len(results), ok,
-                         send_seconds, profile)
+                         send_seconds, profile, self.fleet.spec.sync_backend)
 
     def _blame(self, exc: BaseException, acks: list[Any]) -> str:
         """Name the engine that stopped making progress, not a healthy one that timed out waiting."""

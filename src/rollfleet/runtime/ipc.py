@@ -107,30 +107,6 @@ def load(msg: dict[str, Any], cache: dict[str, torch.Tensor], load_fn: Callable[
     return {"checksums": sums, "seconds": time.perf_counter() - t0}
 
 
-@dataclasses.dataclass(frozen=True)
-class IpcStats:
-    """What one colocated push did (the same fields PushStats reports for the NCCL path)."""
-
-    version: int
-    bytes: int
-    buckets: int  # engine calls that carried weights
-    tensors: int
-    seconds: float
-    engines: int
-    checksums_ok: bool | None
-    send_seconds: float
-    profile: tuple = ()
-    mode: str = "direct"
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes / self.seconds / 1e9
-
-    @property
-    def paused_seconds(self) -> float:
-        return max((p.get("paused_seconds", 0.0) for p in self.profile), default=0.0)
-
-
 class IpcSender:
     """A trainer rank's weight handoff to the engine on its own GPU (the colocated layout)."""
 
@@ -151,7 +127,7 @@ class IpcSender:
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
         return self._resolve(self.engine.receive_ipc.remote(msg), msg["version"])
 
-    def push(self, weights, verify: bool | None = None) -> IpcStats:
+    def push(self, weights, verify: bool | None = None):
         """Hand `weights` (a model, or an iterable of HF-named unsharded tensors) to this rank's engine."""
         if self.broken:
             raise sync.SyncError(f"push: the handoff to engine {self.index} broke at {self.broken}; restart the fleet")
@@ -177,9 +153,11 @@ class IpcSender:
                                  f"(checksums differ); the handoff raced the trainer: restart the fleet")
         self.version = version
         self.fleet.version = max(self.fleet.version, version)
+        from rollfleet.runtime.fleet import PushStats
+
         profile = ({k: v for k, v in acks[-1].items() if k != "workers"},)
-        return IpcStats(version, nbytes, calls, count, time.perf_counter() - t0, 1, True if verify else None,
-                        send_seconds, profile, "direct" if direct else "staged")
+        return PushStats(version, nbytes, calls, count, time.perf_counter() - t0, 1, True if verify else None,
+                         send_seconds, profile, "direct" if direct else "staged")
 
     def _direct(self, tensors: list[tuple[str, torch.Tensor]], version: int, verify: bool) -> list[dict]:
         """One call: share what the engine has not seen (or what moved), then every tensor by its key."""

@@ -184,6 +184,7 @@ class Rollouts:
         self._buffer: deque[tuple[Completion, Request]] = deque()  # received, not yet handed out
         self._pending: dict[str, tuple[Request, int]] = {}  # request id -> (request, samples)
         self._polls: dict[int, Any] = {}
+        self._submitting = 0  # submit() calls under way (another thread's results are still coming)
         self._seen_version = 0
         self.stats = {"submitted": 0, "completed": 0, "stale_resubmitted": 0, "max_staleness": 0}
 
@@ -218,6 +219,16 @@ class Rollouts:
         timeout_s = self.spec.timeouts.health_seconds if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         by_engine: dict[int, list[dict[str, Any]]] = {}
+        with self._lock:
+            self._submitting += 1
+        try:
+            return self._submit(wires, limit, timeout_s, deadline, by_engine)
+        finally:
+            with self._lock:
+                self._submitting -= 1
+                self._lock.notify_all()
+
+    def _submit(self, wires, limit: int, timeout_s: float, deadline: float, by_engine) -> list[str]:
         with self._lock:
             for r, w in wires:
                 n = w["params"]["n"]
@@ -310,7 +321,10 @@ class Rollouts:
                     self._lock.notify_all()  # space for blocked submitters
                     return item
                 if not any(self._inflight):
-                    return None
+                    if not self._submitting:
+                        return None
+                    self._lock.wait(0.05)  # a submit in another thread is about to send more
+                    continue
             if time.monotonic() > deadline:
                 with self._lock:
                     load = {f"engine {self.indices[i]}": n for i, n in enumerate(self._inflight) if n}
