@@ -731,3 +731,13 @@ def test_the_charts_pool_defaults_are_the_models():
     text = (CHART / "templates" / "_helpers.tpl").read_text()
     body = re.search(r'define "rollfleet.poolDefaults" -}}\n(.*?)\n{{- end }}', text, re.S)[1]
     assert json.loads(body) == Pool().model_dump(mode="json", by_alias=True)
+
+
+def test_notes_and_the_test_hook_know_the_colocated_layout(chart):
+    values = helm.values_from_yaml((ROOT / "manifests/examples/one-node-8gpu-colocated.yaml").read_text())
+    rendered = chart.render(values, name="grpo-colocated", namespace="rl")
+    notes = rendered["rollfleet/templates/NOTES.txt"]
+    assert "colocated  1 pod(s) x 8 GPU(s): a trainer rank and a TP=1 engine on each GPU = 8 engine(s)" in notes
+    assert "CUDA IPC" in notes and "trainer    " not in notes
+    hook = rendered[TEST_HOOKS + "cluster-test.yaml"]
+    assert 'WANT = {"GPU":8,"inference":8,"nodes":2,"trainer":8}' in hook  # one pod's GPUs count for all three
