@@ -46,6 +46,18 @@ def test_groups_are_read_from_the_objects():
     assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in inference.tolerations
 
 
+def test_gpu_plan_of_the_colocated_pool_counts_each_gpu_once():
+    values = {"pools": {"colocated": {"nodes": 2, "gpusPerNode": 8}}, "vllm": {"gpuMemoryUtilization": 0.5},
+              "rollout": {"maxStaleness": 0}}
+    (top,) = [o for o in render_objects(load_spec(values)) if o["kind"] == "RayJob"]
+    (group,) = groups_of(top)
+    assert (group.name, group.pods, group.gpus, group.field) == ("colocated", 2, 8, "pools.colocated")
+    fits = by_group(pf.plan_gpus([group], [node("a"), node("b")]))
+    assert fits["colocated"].ok and fits["colocated"].placed == 2  # trainer ranks and engines share the 16
+    (short,) = pf.plan_gpus([group], [node("a"), node("b", used=1)])
+    assert not short.ok and pf.gpu_problem(short).startswith("pools.colocated: needs 2 pod(s) with 8 free")
+
+
 def test_gpu_plan_both_pools_share_one_8_gpu_node():
     fits = by_group(pf.plan_gpus(groups(), [node("a")]))
     assert fits["trainer"].ok and fits["inference"].ok

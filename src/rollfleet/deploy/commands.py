@@ -121,7 +121,7 @@ def add_commands(sub, values_args: Callable, func: Callable) -> None:
 
     p = sub.add_parser("logs", help="print the RayJob submitter's logs (the job's output) or a pool's")
     common(p, named=True)
-    p.add_argument("--component", choices=("submitter", "head", "trainer", "inference"),
+    p.add_argument("--component", choices=("submitter", "head", "trainer", "inference", "colocated"),
                    help="default: submitter for a K8sJobMode RayJob, otherwise head")
     p.add_argument("--tail", type=int, default=100, help="lines per pod (default 100)")
     p.add_argument("--follow", action="store_true", help="keep printing until the pods' containers end")

@@ -78,7 +78,7 @@ class Group:
     @property
     def field(self) -> str:
         """The values key that shapes this group (for messages)."""
-        return f"pools.{self.name}" if self.name in ("trainer", "inference") else f"workerGroupSpecs[{self.name}]"
+        return f"pools.{self.name}" if self.name in ("trainer", "inference", "colocated") else f"workerGroupSpecs[{self.name}]"
 
 
 def groups_of(obj: dict) -> list[Group]:

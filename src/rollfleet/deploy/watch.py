@@ -179,7 +179,7 @@ def wait_gone(kube: Kube, items: list[tuple[str, str, str]], timeout: float, out
 def field_of(pod: dict) -> str:
     labels = pod["metadata"].get("labels") or {}
     component = labels.get("app.kubernetes.io/component")
-    if component in ("trainer", "inference"):
+    if component in ("trainer", "inference", "colocated"):
         return f"pools.{component}"
     return "head" if component == "head" else "job"
 
