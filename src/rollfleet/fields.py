@@ -118,7 +118,7 @@ Digest = text(DIGEST, "not an image digest; write sha256: and 64 lowercase hex d
 def _quantity_type(value: Any) -> Any:
     """One error for a non-string, non-integer quantity (not one per member of `str | int`)."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"not a Kubernetes quantity; quote it, e.g. '8', '500m', '0.5', '64Gi'")
+        raise ValueError("not a Kubernetes quantity; quote it, e.g. '8', '500m', '0.5', '64Gi'")
     return value
 
 

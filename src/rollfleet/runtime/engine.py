@@ -293,16 +293,8 @@ class Scheduler:
                 raise sync.SyncError(f"engine {self.index}: reset_prefix_cache() returned {reset_ok[0]!r} after "
                                      f"push v{push.version}; stale KV would corrupt rollouts")
         except BaseException as exc:  # an error, or the actor's own deadline cancelling us
-            reason = (f"engine {self.index}: push v{push.version} failed ({type(exc).__name__}: {exc}); its weights "
-                      f"are undefined and the sync group is broken: restart the fleet to form it again")
-            self.fail(reason)
-            if isinstance(exc, Exception):
-                raise sync.SyncError(reason) from None
-            raise
-        self.version = push.version
-        self.admitting = True
-        self.enter("ready")
-        self.admit()
+            self._failed(push.version, exc, "and the sync group is broken: restart the fleet to form it again")
+        self._finished_push(push.version)
         done = time.perf_counter()
         self.last_push = {
             "engine": self.index, "version": push.version, "policy": policy, "in_flight": in_flight,
@@ -351,21 +343,28 @@ class Scheduler:
                 if not await self.core.reset_prefix_cache():
                     raise sync.SyncError(f"engine {self.index}: reset_prefix_cache() returned False after push "
                                          f"v{msg['version']}; stale KV would corrupt rollouts")
-                self.version = msg["version"]
-                self.admitting = True
-                self.enter("ready")
-                self.admit()
+                self._finished_push(msg["version"])
                 ack.update(version=msg["version"], policy="wait", wake_reset_seconds=time.perf_counter() - t1,
                            paused_seconds=time.perf_counter() - self._ipc_started)
                 self.last_push = ack
             return ack
         except BaseException as exc:
-            reason = (f"engine {self.index}: push v{msg['version']} failed ({type(exc).__name__}: {exc}); its "
-                      f"weights are undefined: restart the fleet")
-            self.fail(reason)
-            if isinstance(exc, Exception):
-                raise sync.SyncError(reason) from None
-            raise
+            self._failed(msg["version"], exc, "restart the fleet")
+
+    def _finished_push(self, version: int) -> None:
+        """The new weights are in and the prefix cache is reset: stamp the version, admit again."""
+        self.version = version
+        self.admitting = True
+        self.enter("ready")
+        self.admit()
+
+    def _failed(self, version: int, exc: BaseException, fix: str) -> None:
+        """A push failed: fail the engine (its weights are undefined) and raise one error saying so."""
+        reason = f"engine {self.index}: push v{version} failed ({type(exc).__name__}: {exc}); its weights are undefined; {fix}"
+        self.fail(reason)
+        if isinstance(exc, Exception):
+            raise sync.SyncError(reason) from None
+        raise exc
 
     def fail(self, reason: str) -> None:
         """After a failed push: fail every request, refuse new ones, report the broken group."""

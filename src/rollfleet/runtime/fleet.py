@@ -48,24 +48,31 @@ class PushStats:
         return max((p["paused_seconds"] for p in self.profile), default=0.0)
 
 
-def gather(futures: list[Any], deadline: float, what: str, setting: str) -> list[Any]:
-    """ray.get with a deadline; an error names the engine (index = position) and the setting to raise."""
+def gather(futures: list[Any], deadline: float | None, what: str, setting: str,
+           name: Callable[[int], str] = "engine {}".format, failed: type[Exception] = sync.SyncError,
+           late: type[Exception] = TimeoutError, tick: Callable[[], None] = lambda: None) -> list[Any]:
+    """The results of `futures` (one per engine, or rank: `name(position)`) by `deadline` (None: no
+    deadline, the callees' own waits bound them). The first failure is `failed`, naming its callee; the
+    deadline is `late`, naming the ones still out and `setting`. `tick()` runs at least every 0.2 s."""
     import ray
 
     index = {f: i for i, f in enumerate(futures)}
     results: dict[int, Any] = {}
     pending = list(futures)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+        left = 0.2 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.2)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        tick()
+        if not ready and (deadline is None or time.monotonic() < deadline):
+            continue
         if not ready:
-            names = ", ".join(f"engine {index[f]}" for f in pending)
-            raise TimeoutError(f"{what}: {names} did not answer within {setting}; raise it or check those "
-                               f"engines' logs")
+            names = ", ".join(name(index[f]) for f in pending)
+            raise late(f"{what}: {names} did not answer within {setting}; raise it or check their logs")
         for f in ready:
             try:
                 results[index[f]] = ray.get(f)
             except Exception as exc:
-                raise sync.SyncError(f"{what}: engine {index[f]} failed: {describe(exc)}") from None
+                raise failed(f"{what}: {name(index[f])} failed: {describe(exc)}") from None
     return [results[i] for i in range(len(futures))]
 
 

@@ -18,7 +18,7 @@ import json
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 

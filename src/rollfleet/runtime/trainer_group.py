@@ -22,7 +22,6 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 from rollfleet.runtime import placement, sync
-from rollfleet.runtime.rollout import describe
 from rollfleet.spec import FleetSpec, load_spec, runtime_config
 
 BUILTIN = "rollfleet.runtime.trainer:grpo"
@@ -211,30 +210,13 @@ class TrainerGroup:
     def _wait(self, refs: list[Any], timeout_s: float | None, what: str, setting: str,
               tick: Callable[[], None] = lambda: None) -> list[Any]:
         """Results of one call per rank (position = rank); the first failure or the deadline is an
-        error naming the rank(s). `timeout_s` None: no deadline (the ranks' own waits bound them).
-        `tick()` runs at least every 0.2 s meanwhile."""
-        import ray
+        error naming the rank(s) and their node. `timeout_s` None: no deadline (the ranks' own waits
+        bound them)."""
+        from rollfleet.runtime.fleet import gather
 
-        index = {r: i for i, r in enumerate(refs)}
-        out: dict[int, Any] = {}
-        pending = list(refs)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while pending:
-            left = 0.2 if deadline is None else min(max(deadline - time.monotonic(), 0), 0.2)
-            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-            tick()
-            if not ready and (deadline is None or time.monotonic() < deadline):
-                continue
-            if not ready:
-                names = ", ".join(self._name(index[r]) for r in pending)
-                raise TrainerError(f"trainer {what}: {names} did not finish within {timeout_s:g} s ({setting}); "
-                                   f"check its log")
-            for r in ready:
-                try:
-                    out[index[r]] = ray.get(r)
-                except Exception as exc:
-                    raise TrainerError(f"trainer {what}: {self._name(index[r])} failed: {describe(exc)}") from None
-        return [out[i] for i in range(len(refs))]
+        within = f"{timeout_s:g} s ({setting})" if timeout_s is not None else setting
+        return gather(refs, deadline, f"trainer {what}", within, self._name, TrainerError, TrainerError, tick)
 
     def run(self, fleet, entrypoint: str, on_report: Callable[[dict[str, Any]], None] = print,
             timeout_s: float | None = None, setting: str = "") -> Any:
