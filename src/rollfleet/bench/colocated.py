@@ -68,7 +68,6 @@ def measure(ctx) -> dict[str, Any]:
         p = stats.profile[0]
         rows.append({"sleep_s": round(slept, 4), "push_s": round(stats.seconds, 4),
                      "load_rpc_s": round(p["load_rpc_seconds"], 4), "wake_kv_reset_s": round(p["wake_reset_seconds"], 4),
-                     "worker_s": round(max(w["seconds"] for w in p["workers"]), 4),
                      "free_gib_asleep": free_asleep, "free_gib_awake": free(), "checksums_ok": stats.checksums_ok})
     health = ray_get(engine.health.remote())
     out.update(first=rows[0], rows=rows[1:], weight_version=health["weight_version"],
