@@ -81,6 +81,10 @@ INVALID = [
      "model.name"),
     ("engine-arg-camel", {"vllm": {"extraEngineArgs": {"kvCacheDtype": "fp8"}}}, "vllm.extraEngineArgs.kvCacheDtype",
      "kv_cache_dtype"),
+    ("engine-arg-token", {"vllm": {"extraEngineArgs": {"hf_token": "not-a-real-token"}}},
+     "vllm.extraEngineArgs.hf_token", "model.hfTokenSecret"),
+    ("engine-arg-sleep-mode", {"vllm": {"extraEngineArgs": {"enable_sleep_mode": True}}},
+     "vllm.extraEngineArgs.enable_sleep_mode", "colocated"),
     ("engine-arg-cli", {"vllm": {"extraEngineArgs": {"--kv-cache-dtype": "fp8"}}},
      "vllm.extraEngineArgs.--kv-cache-dtype", "kv_cache_dtype"),
     ("engine-arg-unknown", {"vllm": {"extraEngineArgs": {"kv_cache_dtyp": "fp8"}}},
@@ -152,4 +156,11 @@ INVALID = [
     ("auth-secret-name", {"rayAuth": {"secretName": "Ray Token"}}, "rayAuth.secretName", "DNS-1123"),
     ("secret-env-key", {"secretEnv": {"WANDB_API_KEY": {"name": "wandb", "key": "api key"}}},
      "secretEnv.WANDB_API_KEY.key", "Secret key"),
+    # credentials in the job's runtime env would be rendered into the RayJob and the ConfigMap
+    ("working-dir-credentials", {"job": {"runtimeEnv": {"workingDir": "https://user:pass@example.com/code.zip"}}},
+     "job.runtimeEnv.workingDir", "user:password@"),
+    ("py-module-credentials", {"job": {"runtimeEnv": {"pyModules": ["s3://key:secret@bucket/m.whl"]}}},
+     "job.runtimeEnv.pyModules[0]", "user:password@"),
+    ("pip-credentials", {"job": {"runtimeEnv": {"pip": ["pkg@git+https://user:pass@git.example.com/pkg.git"]}}},
+     "job.runtimeEnv.pip[0]", "user:password@"),
 ]

@@ -237,11 +237,17 @@ class Timeouts(Model):
 
 
 _REMOTE = r"(s3|gs|https?)://\S+"
+# No credentials in a URL (they would be rendered into the RayJob and the ConfigMap): Go's RE2 has no
+# lookahead, so as a second pattern: no '@' at all, or (a pip direct reference) one before the URL only.
+_NO_CREDENTIALS = ("; no user:password@ in it: credentials reach Ray through secretEnv (e.g. AWS_ACCESS_KEY_ID "
+                   "from a Secret), never the values file")
 CodeLocation = text(rf"{_REMOTE}\.zip|/\S*", "not a code location; give a .zip at s3://, gs:// or https://, or "
-                    "an absolute directory inside the image (a local path on your machine is not on the cluster)")
+                    "an absolute directory inside the image (a local path on your machine is not on the cluster)"
+                    + _NO_CREDENTIALS, extra=("[^@]*",))
 ModuleLocation = text(rf"{_REMOTE}\.(zip|whl)|/\S*", "not a module location; give a .zip or .whl at s3://, gs:// "
-                      "or https://, or an absolute directory inside the image")
-PipRequirement = text(r"[A-Za-z0-9][^\s;]*( *;[^\n\r]*)?", "not a pip requirement; write e.g. 'math-verify==0.7.0'")
+                      "or https://, or an absolute directory inside the image" + _NO_CREDENTIALS, extra=("[^@]*",))
+PipRequirement = text(r"[A-Za-z0-9][^\s;]*( *;[^\n\r]*)?", "not a pip requirement; write e.g. 'math-verify==0.7.0'"
+                      + _NO_CREDENTIALS, extra=(r"[^@]*|[^@]*@ *[a-z+]+://[^\s/@]+(/[^@]*)?",))
 
 
 class RuntimeEnv(Model):

@@ -22,6 +22,8 @@ OWNED = {
         "enforce_eager": "vllm.enforceEager", "max_num_seqs": "vllm.maxNumSeqs"}.items()},
     "distributed_executor_backend": _REMOVE.format("uni for TP 1, mp above; never ray inside a Ray actor"),
     "worker_extension_cls": _REMOVE.format("the weight-sync extension"),
+    "enable_sleep_mode": _REMOVE.format("on in the colocated layout, where the engine sleeps while its GPU trains"),
+    "hf_token": "a token is a secret and would be rendered into the ConfigMap; set model.hfTokenSecret (a Secret)",
 }
 
 def listed() -> list[str]:

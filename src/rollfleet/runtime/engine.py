@@ -73,9 +73,10 @@ class VllmCore:
             enable_prefix_caching=v.enable_prefix_caching, enforce_eager=v.enforce_eager,
             # never "ray" inside a Ray actor (vllm#30016): an engine stays on one node
             distributed_executor_backend="uni" if tp == 1 else "mp",
-            worker_extension_cls=EXTENSION, disable_log_stats=True,
+            worker_extension_cls=EXTENSION,
             enable_sleep_mode=spec.colocated,  # the engine sleeps while the trainer trains on its GPU
-            **{k: x for k, x in optional.items() if x is not None}, **v.extra_engine_args)
+            **{k: x for k, x in optional.items() if x is not None},
+            **{"disable_log_stats": True, **v.extra_engine_args})  # stats: a default extraEngineArgs may change
         self.llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model, revision=spec.model.revision)
         self.max_model_len = self.llm.model_config.max_model_len
