@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
+import json
+import socket
+import threading
+import time
+
 import pytest
 import yaml
 
@@ -25,6 +31,52 @@ def test_unreachable_api_server(tmp_path, capsys, values_file):
     assert rc == 2
     assert "error: cannot reach the Kubernetes API server at http://127.0.0.1:" in err
     assert "check --context / --kubeconfig and that the cluster is up" in err
+
+
+def local_kubeconfig(tmp_path, port: int):
+    kubeconfig = tmp_path / "kc"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "local",
+        "clusters": [{"name": "local", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": "u"}}]}))
+    return kubeconfig
+
+
+def test_a_server_that_never_answers_times_out(tmp_path, capsys, values_file, monkeypatch):
+    """Discovery requests too (the dynamic client sets no timeout of its own)."""
+    monkeypatch.setattr(client, "REQUEST_TIMEOUT", 1)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel's backlog), never answers
+        kubeconfig = local_kubeconfig(tmp_path, silent.getsockname()[1])
+        started = time.monotonic()
+        rc, err = run(capsys, "status", "-f", values_file(), "--kubeconfig", str(kubeconfig))
+    assert rc == 2 and "error: cannot reach the Kubernetes API server at http://127.0.0.1:" in err
+    assert "timed out" in err.lower()
+    assert time.monotonic() - started < 30  # one bounded request, not a hang (urllib3 retries a few times)
+
+
+def test_refused_credentials_are_one_line(tmp_path, capsys, values_file):
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"kind": "Status", "status": "Failure", "message": "Unauthorized", "code": 401}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        kubeconfig = local_kubeconfig(tmp_path, server.server_address[1])
+        rc, err = run(capsys, "status", "-f", values_file(), "--kubeconfig", str(kubeconfig))
+    finally:
+        server.shutdown()
+    assert rc == 2
+    assert "refused discovery (401 Unauthorized: Unauthorized); refresh the credentials of the context" in err
 
 
 def test_a_missing_kubeconfig_file_is_named(tmp_path, capsys, values_file, monkeypatch):

@@ -177,8 +177,26 @@ def connect(kubeconfig: str | None, context: str | None) -> Kube:
                             f"pass --kubeconfig or set KUBECONFIG") from None
         api, where = client.ApiClient(configuration), "the in-cluster API server (service account)"
         namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip() if SERVICE_ACCOUNT_NAMESPACE.is_file() else None
+    bound_requests(api)
     try:
         return Kube(api, where, namespace)
     except (HTTPError, ValueError) as exc:
         raise KubeError(f"cannot reach the Kubernetes API server at {where}: {exc}; check --context / "
                         f"--kubeconfig and that the cluster is up") from None
+    except client.ApiException as exc:  # discovery refused: expired or wrong credentials, RBAC
+        raise KubeError(f"the Kubernetes API server at {where} refused discovery ({exc.status} {exc.reason}: "
+                        f"{api_message(exc)}); refresh the credentials of the context or pass another "
+                        f"--context") from None
+
+
+def bound_requests(api) -> None:
+    """Every request of `api` gets REQUEST_TIMEOUT unless it sets its own: the dynamic client's
+    discovery requests (/version, /apis, ...) set none, and a server that accepts the connection and
+    never answers would hang them."""
+    request = api.rest_client.request
+
+    def bounded(*args, _request_timeout=None, **kwargs):
+        return request(*args, _request_timeout=REQUEST_TIMEOUT if _request_timeout is None else _request_timeout,
+                       **kwargs)
+
+    api.rest_client.request = bounded
