@@ -598,7 +598,18 @@ def test_network_policy_opens_the_fleet_to_itself_and_the_operator_only():
     own, operator = policy["spec"]["ingress"]
     assert own == {"from": [{"podSelector": {"matchLabels": fleet}}]}  # no ports: NCCL's are ephemeral
     assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
-    assert operator["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    selector = operator["from"][0]["podSelector"]["matchLabels"]
+    for pod_labels in OPERATOR_POD_LABELS.values():
+        assert selector.items() <= pod_labels.items()
+
+
+# The KubeRay v1.7.0 operator's pod labels: its Helm chart (a nameOverride changes `name`) and its
+# kustomize manifests (ray-operator/config/manager)
+OPERATOR_POD_LABELS = {
+    "helm": {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+             "app.kubernetes.io/component": "kuberay-operator"},
+    "kustomize": {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"},
+}
 
 
 def test_network_policy_ingress_from_named_namespaces():

@@ -324,7 +324,8 @@ class NetworkPolicy(Model):
     """Render a NetworkPolicy: the fleet's pods reach each other on any port; from elsewhere only `ingress`."""
     operator_namespace: Namespace | None = None
     """Namespace of the KubeRay operator, which reads job status from the dashboard (8265); null: the
-    operator's pods in any namespace."""
+    operator's pods (`app.kubernetes.io/component: kuberay-operator`, under both its Helm chart and its
+    kustomize manifests) in any namespace, which lets any pod that carries the label in: set it."""
     ingress: list[Ingress] = []
 
 
