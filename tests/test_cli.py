@@ -16,6 +16,7 @@ from rollfleet.render import render_objects, to_yaml
 from rollfleet.values import load_values
 
 EXAMPLE = next(e for e in EXAMPLES if e.stem == "one-node-8gpu")
+COLOCATED = next(e for e in EXAMPLES if e.stem == "one-node-8gpu-colocated")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -223,6 +224,17 @@ def test_validate_prints_a_report(capsys, crds, fmt):
     assert (report["engines"], report["trainerGpus"], report["namespace"]) == (4, 4, "rl")
 
 
+def test_validate_counts_the_colocated_pool_once(capsys, crds):
+    code, out, err = run(capsys, "validate", "-f", str(COLOCATED),
+                         "--crds", str(crds), "-o", "json")
+    report = json.loads(out)
+    assert code == 0 and report["colocated"] is True
+    assert (report["engines"], report["trainerGpus"], report["inferenceGpus"]) == (8, 8, 8)
+    code, out, err = run(capsys, "validate", "-f", str(COLOCATED),
+                         "--crds", str(crds))
+    assert "8 engine(s) × TP 1, 8 trainer GPU(s), the same GPUs (colocated)" in out
+
+
 def test_validate_report_names_the_value_problems(capsys, crds):
     code, out, err = run(capsys, "validate", "--set", "pools.trainer.nodes=0", "--crds", str(crds), "-o", "json")
     assert code == 2
@@ -325,3 +337,30 @@ def test_fuzz_mutated_examples(tmp_path_factory, crds, values):
         assert out == "" and error_lines(err)
     else:
         assert validate_objects(list(yaml.safe_load_all(out)), crds) == []
+
+
+def test_render_into_a_place_it_cannot_write_is_one_line(capsys, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    code, out, err = run(capsys, "render", "-f", str(EXAMPLE), "-o", str(not_a_dir))
+    assert code == 2 and error_lines(err) == [
+        f"error: -o {not_a_dir}: cannot write there (File exists); give a directory you can write"]
+
+
+def test_crds_given_without_the_files_names_them_and_the_download(capsys, tmp_path):
+    code, out, err = run(capsys, "validate", "-f", str(EXAMPLE), "--crds", str(tmp_path))
+    (line,) = error_lines(err)
+    assert code == 2
+    assert line.startswith(f"error: --crds {tmp_path}: ray.io_rayclusters.yaml, ray.io_rayjobs.yaml not there; ")
+    assert "curl -fsSLO" in line
+
+
+def test_an_interrupt_is_one_line(capsys, monkeypatch):
+    import rollfleet.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_schema", interrupted)
+    code, out, err = run(capsys, "schema")
+    assert code == 130 and error_lines(err) == ["error: rollfleet schema interrupted"]

@@ -42,12 +42,15 @@ def _write_dir(out: Path, name: str, objects: list[dict]) -> None:
     removed (e.g. after job.enabled: false); other files in the directory are left alone."""
     from rollfleet.render import to_yaml
 
-    out.mkdir(parents=True, exist_ok=True)
     written = set()
-    for obj in objects:
-        path = out / f"{name}.{obj['kind'].lower()}.yaml"
-        path.write_text(to_yaml([obj]))
-        written.add(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for obj in objects:
+            path = out / f"{name}.{obj['kind'].lower()}.yaml"
+            path.write_text(to_yaml([obj]))
+            written.add(path)
+    except OSError as exc:
+        raise ValueError(f"-o {out}: cannot write there ({exc.strerror}); give a directory you can write") from None
     for kind in KINDS:
         stale = out / f"{name}.{kind}.yaml"
         if stale not in written and stale.is_file():
@@ -96,15 +99,15 @@ def cmd_validate(args) -> int:
     _report(args, {"valid": not problems, "stage": "objects", "problems": problems,
                    "objects": [f"{o['kind']}/{o['metadata']['name']}" for o in objects],
                    "namespace": spec.namespace, "engines": spec.engines,
-                   "tensorParallelSize": spec.vllm.tensor_parallel_size, "trainerGpus": spec.pools.trainer.gpus,
-                   "inferenceGpus": spec.pools.inference.gpus, "kuberay": KUBERAY_VERSION})
+                   "tensorParallelSize": spec.vllm.tensor_parallel_size, "trainerGpus": spec.trainer_pool.gpus,
+                   "inferenceGpus": spec.inference_pool.gpus, "colocated": spec.colocated, "kuberay": KUBERAY_VERSION})
     if problems:
         return 1
     if not args.output:
         kinds = ", ".join(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
         print(f"ok: {kinds} valid (KubeRay {KUBERAY_VERSION} CRDs strict, Kubernetes strict); "
               f"{spec.engines} engine(s) × TP {spec.vllm.tensor_parallel_size}, "
-              f"{spec.pools.trainer.gpus} trainer GPU(s)")
+              f"{spec.trainer_pool.gpus} trainer GPU(s)" + (", the same GPUs (colocated)" if spec.colocated else ""))
     return 0
 
 
@@ -178,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         fix = f"pip install 'rollfleet[{extra}]'" if extra else f"install {module}"
         print(f"error: rollfleet {args.command} needs {module}, which is not installed; {fix}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"error: rollfleet {args.command} interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - the promise: no traceback reaches a user
         if os.environ.get("ROLLFLEET_DEBUG"):
             raise

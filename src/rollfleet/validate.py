@@ -30,8 +30,15 @@ class CrdsMissing(FileNotFoundError):
     pass
 
 
-def crds_dir() -> Path:
-    """Where the KubeRay CRDs are: $ROLLFLEET_CRDS_DIR, else ../shared or .cache beside the checkout."""
+def crds_dir(explicit: Path | None = None) -> Path:
+    """Where the KubeRay CRDs are: `explicit` (--crds), else $ROLLFLEET_CRDS_DIR, else ../shared or .cache
+    beside the checkout."""
+    if explicit is not None:
+        missing = [f for f in CRD_FILES.values() if not (explicit / f).is_file()]
+        if missing:
+            raise CrdsMissing(f"--crds {explicit}: {', '.join(missing)} not there; download the KubeRay "
+                              f"{KUBERAY_VERSION} CRDs into it: {download_hint()}")
+        return explicit
     root = Path(__file__).resolve().parents[2]
     candidates = [os.environ.get("ROLLFLEET_CRDS_DIR"), root.parent / "shared/kuberay-v1.7.0/crds",
                   root / f".cache/kuberay-{KUBERAY_VERSION}/crds"]
@@ -65,7 +72,7 @@ def make_strict(schema: Any) -> Any:
 
 def strict_schema(crd_text: bytes) -> dict[str, Any]:
     """The CRD's v1 openAPIV3Schema, made strict (the C YAML loader: pure-Python parsing takes seconds)."""
-    crd = yaml.load(crd_text, Loader=yaml.CSafeLoader)
+    crd = yaml.load(crd_text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = make_strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
     # the API server fills metadata itself; its CRD schema is just `type: object`
@@ -112,7 +119,7 @@ def validate_object(obj: dict[str, Any], crds: Path | None = None) -> list[str]:
     if kind in CRD_FILES:
         if obj.get("apiVersion") != "ray.io/v1":
             return [f"{name}: apiVersion {obj.get('apiVersion')!r} is not ray.io/v1"]
-        validator = crd_validator(kind, str(crds or crds_dir()))
+        validator = crd_validator(kind, str(crds_dir(crds)))
         errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
         return [f"{name}: {_where(e)}: {e.message}" for e in errors]
     import kubernetes_validate

@@ -242,6 +242,8 @@ def test_status_needs_the_fleet_named(cluster, rollfleet):
                    "values.yaml`\n")
     rc, out, err = rollfleet("down", "smoke")
     assert rc == 2 and err == "error: down: give the fleet's NAME or a values file (-f/--set), not both\n"
+    rc, out, err = rollfleet("status", "smoke", "--set-string", "name=other", values=None)
+    assert rc == 2 and err == "error: status: give the fleet's NAME or a values file (-f/--set), not both\n"
 
 
 def test_status_by_name_reads_the_fleet_from_the_cluster(cluster, rollfleet, values_file):

@@ -181,7 +181,7 @@ def in_namespace(spec, namespace: str):
 
 
 def values_given(args) -> bool:
-    return bool(getattr(args, "values", None)) or bool(getattr(args, "set", None))
+    return any(getattr(args, key, None) for key in ("values", "set", "set_string"))
 
 
 def render(spec) -> tuple[list[dict], Fleet]:
