@@ -14,16 +14,18 @@ def rendered(**values):
 
 
 def test_secret_refs_come_from_the_pod_templates_once_each():
-    objects = rendered(model={"hfTokenSecret": {"name": "hf", "key": "tok"}}, image={"pullSecrets": ["a", "b"]})
-    assert f.secret_refs(objects) == [("a", None, "image.pullSecrets[0]"), ("b", None, "image.pullSecrets[1]"),
-                                      ("hf", "tok", "model.hfTokenSecret")]
+    objects = rendered(model={"hfTokenSecret": {"name": "hf", "key": "tok"}}, image={"pullSecrets": ["a", "b"]},
+                       secretEnv={"WANDB_API_KEY": {"name": "wandb", "key": "key"}})
+    assert f.secret_refs(objects) == [
+        f.SecretRef("a", None, "image.pullSecrets[0]"), f.SecretRef("b", None, "image.pullSecrets[1]"),
+        f.SecretRef("hf", "tok", "model.hfTokenSecret.name", "model.hfTokenSecret.key"),
+        f.SecretRef("wandb", "key", "secretEnv.WANDB_API_KEY.name", "secretEnv.WANDB_API_KEY.key")]
 
 
-def test_any_env_secret_ref_is_checked_too():
-    cm, top, *_ = rendered()
-    head = top["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    head["env"].append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}})
-    assert f.secret_refs([cm, top]) == [("wandb", "key", "env WANDB_API_KEY")]
+def test_the_ray_auth_secret_is_a_ref_with_kuberays_key():
+    assert f.secret_refs(rendered(rayAuth={"secretName": "ray-tok"})) == [
+        f.SecretRef("ray-tok", "auth_token", "rayAuth.secretName")]
+    assert f.secret_refs(rendered()) == []  # KubeRay generates the token
 
 
 def test_groups_count_hosts_and_every_containers_gpus():

@@ -42,8 +42,8 @@ def seed_for(fake, objects):
     from rollfleet.deploy.fleet import secret_refs
 
     keys: dict[str, set[str]] = {}
-    for name, key, _ in secret_refs(objects):  # every Secret the pods reference, with the keys they read
-        keys.setdefault(name, set()).update([key] if key else [])
+    for r in secret_refs(objects):  # every Secret the fleet references, with the keys it reads
+        keys.setdefault(r.name, set()).update([r.key] if r.key else [])
     for name, wanted in keys.items():
         fake.add({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
                   "data": {k: "eA==" for k in wanted or {"token"}}})

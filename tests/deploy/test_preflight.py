@@ -271,7 +271,21 @@ def test_secret_without_the_key_names_keys_never_values(fake, rollfleet):
 def test_missing_pull_secret(cluster, rollfleet, values_file):
     rc, out, err = rollfleet("deploy", values=values_file(image={"pullSecrets": ["registry-creds"]}))
     assert rc == 2
-    assert "error: Secret rl/registry-creds (image.pullSecrets[0].name) does not exist" in err
+    assert "error: Secret rl/registry-creds (image.pullSecrets[0]) does not exist" in err
+
+
+def test_the_ray_auth_secret_needs_kuberays_key(fake, rollfleet, values_file):
+    seed(fake)
+    fake.add({"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": "ray-tok", "namespace": "rl"},
+              "data": {"token": "eA=="}})
+    rc, out, err = rollfleet("deploy", values=values_file(rayAuth={"secretName": "ray-tok"}))
+    assert rc == 2
+    assert ("error: Secret rl/ray-tok has no key 'auth_token' (rayAuth.secretName); its keys: token; add the key "
+            "auth_token (KubeRay reads that one)") in err
+    rc, out, err = rollfleet("deploy", values=values_file(rayAuth={"secretName": "missing"}))
+    assert "error: Secret rl/missing (rayAuth.secretName) does not exist; create it: kubectl -n rl create secret " \
+           "generic missing --from-file=auth_token=<a file holding the value>" in err
+    assert writes(fake) == []
 
 
 def test_not_enough_gpus_prints_the_table(fake, rollfleet, values_file):

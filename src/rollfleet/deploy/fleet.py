@@ -102,23 +102,44 @@ def pod_specs(obj: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def secret_refs(objects: list[dict]) -> list[tuple[str, str | None, str]]:
-    """(Secret name, key or None, the values field that names it) of every Secret the pods reference:
-    env `secretKeyRef`s and `imagePullSecrets`; each Secret/key once."""
-    seen: dict[tuple[str, str | None], str] = {}
+RAY_AUTH_KEY = "auth_token"  # the key KubeRay reads in rayAuth.secretName's Secret
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """A Secret the fleet needs: its key (None: an image pull secret, any keys) and the values fields
+    that name the Secret and the key (`key_field` None: KubeRay fixes the key)."""
+
+    name: str
+    key: str | None
+    name_field: str
+    key_field: str | None = None
+
+
+def secret_refs(objects: list[dict]) -> list[SecretRef]:
+    """Every Secret the fleet references, each Secret/key once: the pods' env `secretKeyRef`s
+    (model.hfTokenSecret, secretEnv), `imagePullSecrets`, and the Ray auth token (rayAuth.secretName)."""
+    seen: dict[tuple[str, str | None], SecretRef] = {}
+
+    def add(ref: SecretRef) -> None:
+        seen.setdefault((ref.name, ref.key), ref)
+
     for obj in objects:
         if obj["kind"] not in TOPS:
             continue
+        auth = cluster_spec(obj).get("authOptions") or {}
+        if auth.get("secretName"):
+            add(SecretRef(auth["secretName"], RAY_AUTH_KEY, "rayAuth.secretName"))
         for _, spec in pod_specs(obj):
             for i, s in enumerate(spec.get("imagePullSecrets") or []):
-                seen.setdefault((s.get("name", ""), None), f"image.pullSecrets[{i}]")
+                add(SecretRef(s.get("name", ""), None, f"image.pullSecrets[{i}]"))
             for c in spec.get("containers") or []:
                 for env in c.get("env") or []:
                     key_ref = (env.get("valueFrom") or {}).get("secretKeyRef")
                     if key_ref:
-                        where = "model.hfTokenSecret" if env.get("name") == "HF_TOKEN" else f"env {env.get('name')}"
-                        seen.setdefault((key_ref.get("name", ""), key_ref.get("key")), where)
-    return [(name, key, where) for (name, key), where in seen.items()]
+                        field = "model.hfTokenSecret" if env.get("name") == "HF_TOKEN" else f"secretEnv.{env.get('name')}"
+                        add(SecretRef(key_ref.get("name", ""), key_ref.get("key"), f"{field}.name", f"{field}.key"))
+    return list(seen.values())
 
 
 @dataclass(frozen=True)

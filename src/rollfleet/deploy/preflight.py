@@ -295,22 +295,24 @@ def preflight(kube: Kube, objects: list[dict], fleet: Fleet, check_gpus: bool = 
     except ForbiddenError as exc:
         report.warnings.append(f"namespace {ns!r} not checked: {api_message(exc)}")
 
-    for name, key, where in secret_refs(objects) if namespace_ok else []:
+    for r in secret_refs(objects) if namespace_ok else []:
         try:
-            secret = kube.get("Secret", name, ns)
+            secret = kube.get("Secret", r.name, ns)
         except ForbiddenError as exc:
-            report.warnings.append(f"Secret {ns}/{name} ({where}) not checked: {api_message(exc)}")
+            report.warnings.append(f"Secret {ns}/{r.name} ({r.name_field}) not checked: {api_message(exc)}")
             continue
         # Kubernetes cannot list a Secret's keys without reading it: the values are dropped here at once.
         keys = None if secret is None else sorted(secret.get("data") or {})
         if keys is None:
-            fix = (f"kubectl -n {ns} create secret generic {name} --from-file={key}=<a file holding the value>"
-                   if key else f"kubectl -n {ns} create secret docker-registry {name} --docker-server=<registry> "
+            fix = (f"kubectl -n {ns} create secret generic {r.name} --from-file={r.key}=<a file holding the value>"
+                   if r.key else f"kubectl -n {ns} create secret docker-registry {r.name} --docker-server=<registry> "
                    f"--docker-username=<user> --docker-password=<password>")
-            report.problems.append(f"Secret {ns}/{name} ({where}.name) does not exist; create it: {fix}")
-        elif key and key not in keys:
-            report.problems.append(f"Secret {ns}/{name} has no key {key!r} ({where}.key); its keys: "
-                                   f"{', '.join(keys) or '(none)'}; set {where}.key to one of them or add the key")
+            report.problems.append(f"Secret {ns}/{r.name} ({r.name_field}) does not exist; create it: {fix}")
+        elif r.key and r.key not in keys:
+            fix = (f"set {r.key_field} to one of them or add the key" if r.key_field else
+                   f"add the key {r.key} (KubeRay reads that one)")
+            report.problems.append(f"Secret {ns}/{r.name} has no key {r.key!r} ({r.key_field or r.name_field}); its "
+                                   f"keys: {', '.join(keys) or '(none)'}; {fix}")
 
     if namespace_ok:
         for obj in objects:
