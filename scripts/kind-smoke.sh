@@ -42,9 +42,9 @@ KEEP="${KEEP:-0}"
 ROLLFLEET="${ROLLFLEET:-.venv/bin/rollfleet}"
 PYTHON="${PYTHON:-.venv/bin/python}"
 RELEASE=rollfleet-smoke
-NAMESPACE="$("$PYTHON" -c 'import sys, yaml; print((yaml.safe_load(open(sys.argv[1])) or {}).get("namespace", "default"))' "$VALUES")"
-# GPUs the profile asks for: every pool's, once (the colocated pool's GPUs hold trainer and engine alike)
-NEED="$("$PYTHON" -c 'import sys; from rollfleet.render import load_values; s = load_values(sys.argv[1]); print(sum(p.gpus for _, p, _ in s.groups))' "$VALUES")"
+# The profile's namespace and the GPUs it asks for: every pool's, once (the colocated pool's GPUs hold
+# trainer and engine alike); read as rollfleet reads values files.
+read -r NAMESPACE NEED < <("$PYTHON" -c 'import sys; from rollfleet.values import load_values; s = load_values(sys.argv[1]); print(s.namespace, sum(p.gpus for _, p, _ in s.groups))' "$VALUES")
 
 log() { printf '\n== kind-smoke: %s\n' "$*"; }
 

@@ -122,7 +122,7 @@ INVALID = [
     ("utilization-zero", {"vllm": {"gpuMemoryUtilization": 0}}, "vllm.gpuMemoryUtilization", "outside (0, 1]"),
     ("ray-hanging-range", {"rayVersion": "2.24.0"}, "rayVersion", "2.11–2.37"),
     ("sidecar-mode-type", {"job": {"submissionMode": "SidecarMode"}}, "job.submissionMode", "kuberay#4945"),
-    ("sync-backend-removed", {"sync": {"backend": "gloo"}}, "sync.backend", "follows from engine"),
+    ("sync-backend-removed", {"sync": {"backend": "gloo"}}, "sync.backend", "follows from the layout and the engine"),
     ("sync-port-removed", {"sync": {"port": 29500}}, "sync.port", "no longer a key"),
     # the platform keys
     ("priority-class-name", {"priorityClassName": "High Priority"}, "priorityClassName", "DNS-1123"),

@@ -594,6 +594,7 @@ def test_notes_show_what_was_created_and_the_derived_engines(chart):
     assert "8 engine(s) x TP 2" in notes and "world size 17" in notes
     assert "kubectl logs -n rl job/grpo-tp2" in notes and "helm test grpo-tp2" in notes
     assert "rollfleet status grpo-tp2 -n rl" in notes
+    assert "component=trainer -c ray-worker" in notes and "component=inference -c ray-worker" in notes
     assert "Pass `-n" not in notes  # release namespace == values namespace
     other = chart.render(values, name="grpo-tp2", namespace="default")["rollfleet/templates/NOTES.txt"]
     assert "Pass `-n rl` to helm" in other
@@ -739,5 +740,7 @@ def test_notes_and_the_test_hook_know_the_colocated_layout(chart):
     notes = rendered["rollfleet/templates/NOTES.txt"]
     assert "colocated  1 pod(s) x 8 GPU(s): a trainer rank and a TP=1 engine on each GPU = 8 engine(s)" in notes
     assert "CUDA IPC" in notes and "trainer    " not in notes
+    assert "app.kubernetes.io/component=colocated -c ray-worker" in notes
+    assert "component=trainer" not in notes and "component=inference" not in notes
     hook = rendered[TEST_HOOKS + "cluster-test.yaml"]
     assert 'WANT = {"GPU":8,"inference":8,"nodes":2,"trainer":8}' in hook  # one pod's GPUs count for all three

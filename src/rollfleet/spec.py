@@ -526,8 +526,8 @@ def _closest_key(loc: tuple) -> str | None:
 
 # Keys that were values keys once: what to do instead.
 REMOVED = {
-    ("sync", "backend"): "no longer a key: the backend follows from engine (nccl for vllm, gloo for cpu-standin); "
-                         "remove it",
+    ("sync", "backend"): "no longer a key: the transport follows from the layout and the engine (CUDA IPC when "
+                         "pools.colocated, else nccl for vllm, gloo for cpu-standin); remove it",
     ("sync", "port"): "no longer a key: the trainer takes a port the kernel picks; remove it",
 }
 TYPE_FIXES = {

@@ -127,7 +127,7 @@ def add_commands(sub, values_args: Callable, func: Callable) -> None:
     p.add_argument("--follow", action="store_true", help="keep printing until the pods' containers end")
     p.set_defaults(kube_command="logs")
 
-    p = sub.add_parser("down", help="delete the fleet's RayJob/RayCluster/ConfigMap (by rollfleet labels)")
+    p = sub.add_parser("down", help="delete the fleet's RayJob/RayCluster, ConfigMap and NetworkPolicy (by rollfleet labels)")
     common(p, named=True)
     p.add_argument("--timeout", type=duration, default=DELETE_TIMEOUT, metavar="DURATION",
                    help=f"how long to wait until they are gone (default {DELETE_TIMEOUT:g}s)")
