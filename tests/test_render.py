@@ -545,6 +545,10 @@ def test_volumes_mount_into_their_groups():
     assert {"name": "ckpt", "mountPath": "/ckpt", "readOnly": True, "subPath": "run"} in trainer["volumeMounts"]
     assert {"name": "hf", "mountPath": "/hf"} in trainer["volumeMounts"]
     assert "volumes" not in p.get("submitter", {})
+    colocated = pods({**values, "pools": {"colocated": {"nodes": 1, "gpusPerNode": 2}},
+                      "vllm": {"gpuMemoryUtilization": 0.5}, "rollout": {"maxStaleness": 0}})
+    assert {v["name"] for v in colocated["colocated"]["volumes"]} >= {"hf", "ckpt"}  # a trainer's volume too
+    assert not any(v["name"] == "ckpt" for v in colocated["head"]["volumes"])
 
 
 def test_ephemeral_storage_is_a_request():

@@ -7,7 +7,7 @@ import io
 
 import helm_python as helm
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from rollfleet.spec import DEFAULT_ENV, SpecError, load_spec
@@ -40,6 +40,10 @@ def test_numbers_helm_refuses_are_refused_with_where(text):
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(st.sampled_from("0123456789._+-eExXoObBaf:yYnN~TtrRuU "), min_size=1, max_size=8))
+@example("0E_0").via("found by hypothesis: '_' in the exponent")
+@example("._5").via("a leading '.': Go keeps the '_'")
+@example("-_1")
+@example("--0")
 def test_property_plain_scalars_agree_with_helm(text):
     try:
         want = helm_value(text)
@@ -166,6 +170,7 @@ def test_malformed_set_is_refused_as_helm_refuses_it(item):
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(st.sampled_from("ab.=,[]{}0\\1 "), min_size=1, max_size=12))
+@example("[0 ]").via("found by hypothesis: Go's Atoi takes no space")
 def test_property_set_agrees_with_helm(item):
     try:
         want = helm.parse_set_string(item)

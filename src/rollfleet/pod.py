@@ -6,7 +6,7 @@ refuses what the API server would, and dumped without the keys left out (`Fragme
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterable, Literal
 
 from pydantic import Field, model_validator
 
@@ -154,8 +154,8 @@ class Volume(Fragment):
         {"properties": {"subPath": {"not": {"pattern": r"(^|/)\.\.(/|$)"}}}},
     ]}}
 
-    def mounted_in(self, group: str) -> bool:
-        if group == "colocated":
-            return self.groups is None or bool({"trainer", "inference"} & set(self.groups))
-        return self.groups is None or group in self.groups
+    def mounted_in(self, roles: Iterable[str]) -> bool:
+        """Whether a pod with these roles mounts it: head, or a worker group's Ray resources (the
+        colocated group is trainer and inference, so it mounts what either mounts)."""
+        return self.groups is None or bool(set(roles) & set(self.groups))
 

@@ -39,8 +39,11 @@ class ValuesError(ValueError):
 _Base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _BOOLS = {**dict.fromkeys("y Y yes Yes YES on On ON true True TRUE".split(), True),
           **dict.fromkeys("n N no No NO off Off OFF false False FALSE".split(), False)}
-_NUMBER = re.compile(r"[-+]?(\.[0-9_]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?"
-                     r"|[-+]?0[xX][0-9a-fA-F_]+|[-+]?0[oO][0-7_]+|[-+]?0[bB][01_]+")
+# Go's YAML reader tries a plain scalar that starts with a digit or a sign as a number once every '_' is
+# removed (ParseInt with base prefixes, then a float of this shape), one that starts with '.' as a float
+# as it is; else it stays a string.
+_NUMBER = re.compile(r"[-+.0-9][-+._0-9a-zA-Z]*")
+_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 _SPECIAL_FLOAT = re.compile(r"[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)")
 
 
@@ -89,14 +92,17 @@ def _key(key: Any) -> Any:
 
 def _number(text: str) -> Any:
     """A plain scalar as Go's strconv reads it after removing '_' (Helm's YAML reader); else the text."""
+    if text.startswith(".") and "_" in text:  # Go reads these with ParseFloat as they are: no '_' allowed
+        return text
     plain = text.replace("_", "")
-    sign = -1 if plain.startswith("-") else 1
-    digits = plain.lstrip("+-")
+    sign, digits = (-1 if plain[0] == "-" else 1, plain[1:]) if plain[0] in "+-" else (1, plain)  # one sign
     try:
         if re.fullmatch(r"0[0-7]+", digits):
             return sign * int(digits, 8)
-        if re.fullmatch(r"0[xXoObB][0-9a-fA-F]+|[1-9][0-9]*|0", digits):
+        if re.fullmatch(r"0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+|[1-9][0-9]*|0", digits):
             return sign * int(digits, 0)
+        if not _FLOAT.fullmatch(plain):
+            return text
         number = float(plain)
     except ValueError:
         return text
@@ -295,10 +301,9 @@ class _SetParser:
         text, last = self.scan.until("]")
         if last is None:
             raise _End
-        try:
-            index = int(text)
-        except ValueError:
-            raise self.fail(f"{text!r} is not a list index; write [0], [1], …") from None
+        if not re.fullmatch(r"[-+]?[0-9]+", text):  # Go's Atoi: no spaces, no '_' (Python's int() takes both)
+            raise self.fail(f"{text!r} is not a list index; write [0], [1], …")
+        index = int(text)
         if index < 0 or index > MAX_INDEX:
             raise self.fail(f"index {index} is outside 0…{MAX_INDEX}")
         return index
@@ -356,12 +361,11 @@ def merge_default_maps(values: dict[str, Any]) -> dict[str, Any]:
     adds NCCL_IB_HCA). So `rollfleet render -f` and `helm install -f` build the same spec from the same file.
     As in Helm, `KEY: null` removes a default key; a null for any other key stays and is refused."""
     out = dict(values)
-    defaults = FleetSpec().model_dump(by_alias=True)
     for name, field in FleetSpec.model_fields.items():  # the maps with non-empty defaults: env, ncclEnv
-        key = field.alias or name
-        if isinstance(field.default, dict) and field.default and isinstance(out.get(key), dict):
-            merged = {**defaults[key], **out[key]}
-            out[key] = {k: v for k, v in merged.items() if v is not None or k not in defaults[key]}
+        key, defaults = field.alias or name, field.default
+        if isinstance(defaults, dict) and defaults and isinstance(out.get(key), dict):
+            merged = {**defaults, **out[key]}
+            out[key] = {k: v for k, v in merged.items() if v is not None or k not in defaults}
     return out
 
 
