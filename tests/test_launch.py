@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from rollfleet.render import load_values
+from rollfleet.values import load_values
 from rollfleet import demo
 from rollfleet.runtime import launch
 from rollfleet.spec import runtime_config

@@ -86,7 +86,7 @@ def test_kind_smoke_dry_run_env_and_the_token_never_printed():
 
 def test_kind_values_profile_is_small():
     from rollfleet.golden import EXAMPLES
-    from rollfleet.render import load_values
+    from rollfleet.values import load_values
 
     spec = load_values(EXAMPLES / "kind.yaml")
     assert (spec.pools.trainer.gpus, spec.pools.inference.gpus) == (1, 1)
@@ -104,7 +104,7 @@ def test_kind_smoke_on_a_one_gpu_host_takes_the_colocated_profile():
 
 def test_kind_colocated_profile_shares_its_one_gpu():
     from rollfleet.golden import EXAMPLES
-    from rollfleet.render import load_values
+    from rollfleet.values import load_values
 
     spec = load_values(EXAMPLES / "kind-colocated.yaml")
     assert spec.colocated and spec.pools.colocated.gpus == 1 and spec.engines == 1

@@ -11,14 +11,13 @@ from pathlib import Path
 
 from rollfleet import bench, demo
 from rollfleet.deploy import commands as deploy_commands
+from rollfleet.deploy.fleet import CREATED_KINDS
 from rollfleet.spec import IMAGE_TAG, KUBERAY_VERSION, RAY_VERSION, SpecError
 
 USAGE_ERROR = 2
 # What a command needs beyond `pip install rollfleet`: the module, and the extra that brings it.
 EXTRAS = {"ray": "runtime", "torch": "runtime", "transformers": "runtime", "vllm": "vllm",
           "jsonschema": "validate", "kubernetes_validate": "validate"}
-# Kinds `render -o DIR` writes as <name>.<kind>.yaml (a fleet's stale files are removed by this list).
-KINDS = ("configmap", "rayjob", "raycluster", "networkpolicy")
 
 
 def _values_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +50,7 @@ def _write_dir(out: Path, name: str, objects: list[dict]) -> None:
             written.add(path)
     except OSError as exc:
         raise ValueError(f"-o {out}: cannot write there ({exc.strerror}); give a directory you can write") from None
-    for kind in KINDS:
+    for kind in (k.lower() for k in CREATED_KINDS):
         stale = out / f"{name}.{kind}.yaml"
         if stale not in written and stale.is_file():
             stale.unlink()
@@ -143,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="render and validate against KubeRay CRDs and Kubernetes schemas")
     _values_args(p)
-    p.add_argument("--crds", help="directory with the KubeRay v1.7.0 CRDs (default: found or `make crds`)")
+    p.add_argument("--crds", help=f"directory with the KubeRay {KUBERAY_VERSION} CRDs (default: found or `make crds`)")
     p.add_argument("-o", "--output", choices=("json", "yaml"), help="also print the result as JSON or YAML")
     p.set_defaults(func=cmd_validate)
 

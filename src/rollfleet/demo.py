@@ -23,7 +23,7 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"
 
 
 def local_spec(sets: list[str] = (), colocated: bool = False):
-    from rollfleet.render import load_values
+    from rollfleet.values import load_values
 
     name = COLOCATED_VALUES if colocated else LOCAL_VALUES
     with resources.as_file(resources.files("rollfleet") / "examples" / name) as path:

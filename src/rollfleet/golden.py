@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rollfleet.render import load_values, render_objects, to_yaml
+from rollfleet.render import render_objects, to_yaml
+from rollfleet.values import load_values
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "manifests" / "examples"

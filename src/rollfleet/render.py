@@ -13,7 +13,6 @@ import jinja2
 import yaml
 
 from rollfleet.spec import PORTS, FleetSpec, runtime_config
-from rollfleet.values import load_values  # noqa: F401  (re-exported: the demo and older callers load values here)
 
 TEMPLATES = Path(__file__).parent / "templates"
 CONFIG_PATH = "/etc/rollfleet/fleet.json"

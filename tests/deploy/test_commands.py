@@ -18,7 +18,7 @@ from conftest import EXAMPLES
 from fake_apiserver import CORE, FakeApiServer
 from rollfleet import cli
 from rollfleet.deploy import commands
-from rollfleet.render import load_values
+from rollfleet.values import load_values
 
 from .conftest import LABELS, kuberay_stand_in, ready_pod, seed, writes
 

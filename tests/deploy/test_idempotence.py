@@ -15,7 +15,8 @@ import pytest
 
 from conftest import EXAMPLES
 from crd_schema import defaults_in_lists, missing_list_defaults, schema_of
-from rollfleet.render import load_values, render_objects
+from rollfleet.render import render_objects
+from rollfleet.values import load_values
 
 from .conftest import operator_deployment
 

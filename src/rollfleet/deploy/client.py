@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rollfleet.spec import KUBERAY_VERSION
+
 FIELD_MANAGER = "rollfleet"
 API_VERSIONS = {"ConfigMap": "v1", "RayJob": "ray.io/v1", "RayCluster": "ray.io/v1", "Namespace": "v1",
                 "Secret": "v1", "Node": "v1", "Pod": "v1", "Event": "v1", "Deployment": "apps/v1",
                 "NetworkPolicy": "networking.k8s.io/v1"}
-KUBERAY_INSTALL = ("helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0 "
+KUBERAY_INSTALL = (f"helm install kuberay-operator kuberay/kuberay-operator --version {KUBERAY_VERSION[1:]} "
                    "(helm repo add kuberay https://ray-project.github.io/kuberay-helm/)")
 REQUEST_TIMEOUT = 30  # seconds, each API request
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -78,7 +80,7 @@ class Kube:
         except ResourceNotFoundError:
             if api_version.startswith("ray.io/"):
                 raise NotServed(f"{self.where} does not serve {kind} ({api_version}); install the KubeRay "
-                                f"operator v1.7.0 with its CRDs: {KUBERAY_INSTALL}") from None
+                                f"operator {KUBERAY_VERSION} with its CRDs: {KUBERAY_INSTALL}") from None
             raise NotServed(f"{self.where} does not serve {kind} ({api_version})") from None
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict | None:

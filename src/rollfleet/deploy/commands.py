@@ -25,6 +25,7 @@ from rollfleet.deploy.fleet import (CREATED_KINDS, TOPS, Fleet, down_selector, h
                                     rendered_fleet)
 from rollfleet.deploy.preflight import gpu_table, preflight
 from rollfleet.deploy.watch import FAILED, diagnose, err, observe, say, wait, wait_gone
+from rollfleet.spec import KUBERAY_VERSION
 
 NOTHING_APPLIED = 2  # bad input, a failed preflight check or a refused dry run: the cluster was not touched
 DIFFERENT = 1  # `diff`: some object would change (as `kubectl diff`)
@@ -279,7 +280,7 @@ def apply_problem(obj: dict, exc) -> str:
                 f"change them back, or rerun with --force-conflicts to take them over")
     if exc.status == 400 and "unknown field" in message:
         return (f"{ref(obj)} rejected by the API server: {message}; the cluster's KubeRay CRDs are likely older "
-                f"than v1.7.0 (kubectl get crd {obj['kind'].lower()}s.ray.io): upgrade them")
+                f"than {KUBERAY_VERSION} (kubectl get crd {obj['kind'].lower()}s.ray.io): upgrade them")
     if exc.status == 404 and "namespaces" in message:
         ns = obj["metadata"].get("namespace")
         return f"{ref(obj)}: {message}; create it (kubectl create namespace {ns}) or set `namespace:` (or -n)"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from rollfleet.deploy.client import KUBERAY_INSTALL, Kube, NotServed, api_message
 from rollfleet.deploy.fleet import GPU, Fleet, Group, helm_release, pod_gpus, quantity, ref, secret_refs
+from rollfleet.spec import KUBERAY_VERSION
 
 # The KubeRay operator's Deployment as KubeRay v1.7.0's Helm chart labels it, and as its kustomize manifests
 # (ray-operator/config/manager) do; its pods carry the component label under both.
@@ -215,9 +216,10 @@ def crds_served(kube: Kube, fleet: Fleet) -> list[str]:
         have = (f"the ray.io API group serves only {', '.join(groups['ray.io'])} (an older KubeRay)"
                 if groups.get("ray.io") else "the ray.io API group is not served: KubeRay's CRDs are not installed")
         return [f"KubeRay CRDs {', '.join(p + '.ray.io' for p in needed)} are not served at ray.io/v1 ({have}); "
-                f"install the KubeRay operator v1.7.0 with its CRDs: {KUBERAY_INSTALL}"]
+                f"install the KubeRay operator {KUBERAY_VERSION} with its CRDs: {KUBERAY_INSTALL}"]
     served = {r["name"] for r in kube.raw("/apis/ray.io/v1")["resources"]}
-    return [f"KubeRay CRD {p}.ray.io is not served at ray.io/v1; install the KubeRay operator v1.7.0 with its CRDs: "
+    return [f"KubeRay CRD {p}.ray.io is not served at ray.io/v1; install the KubeRay operator {KUBERAY_VERSION} with "
+            f"its CRDs: "
             f"{KUBERAY_INSTALL}" for p in needed if p not in served]
 
 
