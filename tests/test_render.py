@@ -384,7 +384,7 @@ def test_to_yaml_is_multi_document_and_round_trips():
 
 
 def test_templates_use_strict_undefined():
-    env = render._env()
+    env = render._env(render.TEMPLATES)
     assert env.undefined is jinja2.StrictUndefined
     with pytest.raises(jinja2.UndefinedError):
         env.from_string("{{ no_such_name }}").render(s=load_spec({}))

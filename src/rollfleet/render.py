@@ -5,6 +5,7 @@ Every spec value reaches the objects through `tojson`, so it is data in the YAML
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,14 @@ def node_selector(pool) -> dict[str, str]:
     return {**gpu, **pool.node_selector}
 
 
+def selector(name: str) -> dict[str, str]:
+    """The labels every pod of fleet `name` carries, whether `rollfleet deploy` or the Helm chart made it."""
+    return {"app.kubernetes.io/name": "rollfleet", "app.kubernetes.io/instance": name}
+
+
 def fleet_selector(spec: FleetSpec) -> dict[str, str]:
     """The labels that select every pod of this fleet (the NetworkPolicy's own pods)."""
-    return {"app.kubernetes.io/name": "rollfleet", "app.kubernetes.io/instance": spec.name}
+    return selector(spec.name)
 
 
 def gang_labels(spec: FleetSpec) -> dict[str, str]:
@@ -105,9 +111,11 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def _env() -> jinja2.Environment:
+@functools.lru_cache(maxsize=2)
+def _env(templates: Path) -> jinja2.Environment:
+    """One environment per template directory: its templates compile once per process."""
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+        loader=jinja2.FileSystemLoader(templates), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True, autoescape=False,
     )
     env.policies["json.dumps_kwargs"] = {"sort_keys": False, "default": _json_default}
@@ -134,14 +142,15 @@ def config_name(spec: FleetSpec) -> str:
 def render_objects(spec: FleetSpec) -> list[dict[str, Any]]:
     """ConfigMap + (RayJob with an embedded cluster | standalone RayCluster) + NetworkPolicy (unless
     networkPolicy.enabled is false), as plain dicts."""
-    env = _env()
+    env = _env(TEMPLATES)
+    runtime_env = spec.job.runtime_env.ray()
     context = {
         "s": spec,
         "config_name": config_name(spec),
         "fleet_json": go_json(runtime_config(spec), indent=2),
         "entrypoint": LAUNCH,
         # JSON is YAML: the RayJob's runtimeEnvYAML (empty: none)
-        "runtime_env": go_json(spec.job.runtime_env.ray()) if spec.job.runtime_env.ray() else "",
+        "runtime_env": go_json(runtime_env) if runtime_env else "",
     }
     names = ["configmap.yaml.j2", "rayjob.yaml.j2" if spec.job.enabled else "raycluster.yaml.j2"]
     names += ["networkpolicy.yaml.j2"] if spec.network_policy.enabled else []

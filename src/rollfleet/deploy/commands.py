@@ -66,8 +66,8 @@ def duration(text: str) -> float:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a duration; write e.g. 90s, 5m, 1h30m or a number of seconds") from None
         seconds = sum(float(n) * UNIT_SECONDS[u] for n, u in parts)
-    if seconds < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration cannot be negative")
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a timeout is a finite duration above 0; write e.g. 90s or 20m")
     return seconds
 
 
@@ -338,14 +338,11 @@ def flush_warnings(kube: Kube) -> None:
 
 def deploy(args, load: Callable) -> int:
     spec = load(args)
-    objects, fleet = render(spec)
-    if args.wait == "complete" and fleet.kind == "RayCluster":
+    if args.wait == "complete" and not spec.job.enabled:
         raise UsageError("--wait complete: job.enabled is false, and a standalone RayCluster never completes; "
                          "use --wait ready")
     kube = connect(args.kubeconfig, args.context)
-    namespace = namespace_for(spec.namespace, args.namespace, kube.namespace)
-    if namespace != spec.namespace:
-        objects, fleet = render(in_namespace(spec, namespace))
+    objects, fleet = render(in_namespace(spec, namespace_for(spec.namespace, args.namespace, kube.namespace)))
     say(f"preflight against {kube.where}, namespace {fleet.namespace}")
     report = preflight(kube, objects, fleet, check_gpus=not args.skip_gpu_check,
                        check_operator=not args.skip_operator_check, replace=args.replace)
@@ -388,7 +385,7 @@ def deploy(args, load: Callable) -> int:
         return FAILED
     if args.wait == "none":
         return 0
-    return wait(kube, fleet, args.wait, args.timeout or fleet.init_seconds or spec.timeouts.init_seconds)
+    return wait(kube, fleet, args.wait, args.timeout or fleet.init_seconds)  # the rendered ConfigMap has it
 
 
 def diff(args, load: Callable) -> int:
@@ -419,9 +416,9 @@ def status(args, load: Callable) -> int:
     structured = args.output != "text"
     rc = None
     if args.wait:
-        from rollfleet.spec import FleetSpec
+        from rollfleet.spec import Timeouts
 
-        timeout = args.timeout or fleet.init_seconds or FleetSpec().timeouts.init_seconds
+        timeout = args.timeout or fleet.init_seconds or Timeouts().init_seconds  # a fleet without a readable config
         progress = (lambda line: print(line, file=sys.stderr, flush=True)) if structured else say
         rc = wait(kube, fleet, args.wait, timeout, out=progress)
         if not structured:

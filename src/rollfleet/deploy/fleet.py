@@ -22,8 +22,10 @@ def ref(obj: dict) -> str:
 
 
 def instance_selector(name: str) -> str:
-    """Labels every pod of a fleet carries, whether `rollfleet deploy` or the Helm chart created it."""
-    return f"app.kubernetes.io/name=rollfleet,app.kubernetes.io/instance={name}"
+    """render.selector as a label selector string."""
+    from rollfleet.render import selector
+
+    return ",".join(f"{k}={v}" for k, v in selector(name).items())
 
 
 def down_selector(name: str) -> str:
