@@ -19,9 +19,8 @@ from pydantic.alias_generators import to_camel
 
 INT32_MAX = 2**31 - 1  # Kubernetes stores replicas, seconds and probe fields as int32
 
-_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-DNS1123_LABEL = _DNS_LABEL
-DNS1123_SUBDOMAIN = rf"{_DNS_LABEL}(\.{_DNS_LABEL})*"
+DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS1123_SUBDOMAIN = rf"{DNS1123_LABEL}(\.{DNS1123_LABEL})*"
 # KubeRay refuses RayCluster/RayJob names that are not DNS-1035 labels (must start with a letter).
 DNS1035_LABEL = r"[a-z]([-a-z0-9]*[a-z0-9])?"
 _NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
@@ -198,14 +197,13 @@ def _names(names: tuple[str, ...]) -> str:
 
 _DEVICES = (_names(VISIBLE_DEVICES), "Ray sets the visible devices from the GPU limit; remove it")
 _HF = (_names(HF_TOKEN_NAMES), "a Hugging Face token goes through a Secret: set model.hfTokenSecret")
+_NCCL = ("NCCL_.*", "NCCL variables go in ncclEnv so both pools get the same value; move it there")
 EnvName = env_name((
-    _DEVICES, _HF,
-    ("NCCL_.*", "NCCL variables go in ncclEnv so both pools get the same value; move it there"),
+    _DEVICES, _HF, _NCCL,
     (CREDENTIAL, "looks like a credential; put it in a Secret and reference it from secretEnv"),
 ))
 NcclName = env_name((), name="NCCL_[A-Za-z0-9_]*", fix="only NCCL_* variables belong here; move it to env")
-SecretEnvName = env_name((
-    _DEVICES, _HF, ("NCCL_.*", "NCCL variables go in ncclEnv so both pools get the same value; move it there")))
+SecretEnvName = env_name((_DEVICES, _HF, _NCCL))
 
 
 class Model(BaseModel):

@@ -10,7 +10,7 @@ from typing import Iterable, Literal
 
 from pydantic import Field, model_validator
 
-from rollfleet.fields import (Fragment, LabelKey, LabelValue, Labels, Model, Namespace, ObjectName,
+from rollfleet.fields import (DNS1123_LABEL, Fragment, LabelKey, LabelValue, Labels, Model, Namespace, ObjectName,
                               SecretKey, integer, text)
 
 _LEFT_OUT = {"enum": [None, ""]}
@@ -114,7 +114,7 @@ class Affinity(Fragment):
 
 # --- volumes --------------------------------------------------------------------------------------
 
-VolumeName = text(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", "not a volume name (DNS-1123 label); use lowercase letters, "
+VolumeName = text(DNS1123_LABEL, "not a volume name (DNS-1123 label); use lowercase letters, "
                   "digits and '-', at most 63 characters; dshm and fleet-config are rollfleet's own",
                   max_length=63)
 # /dev/shm and the runtime config directory are rollfleet's own mounts.
