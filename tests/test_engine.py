@@ -353,3 +353,45 @@ def test_engine_actor_start_failure_for_a_missing_model(tmp_path):
     with pytest.raises(EngineStartError, match="engine 0: failed to start"):
         actor.start()
     assert actor.health()["state"] == "failed"
+
+
+def test_vllm_core_builds_the_engine_arguments_from_the_spec(monkeypatch):
+    """VllmCore.start's AsyncEngineArgs, with vLLM's two entry points stood in (no vLLM on CPU): what
+    the spec sets, extraEngineArgs on top (disable_log_stats is only a default), sleep mode colocated only."""
+    import asyncio
+    import sys
+    import types
+
+    from rollfleet.runtime.engine import EXTENSION, VllmCore
+
+    made = {}
+
+    class Args:
+        def __init__(self, **kwargs):
+            made.update(kwargs)
+
+    class Llm:
+        model_config = types.SimpleNamespace(max_model_len=4096)
+
+        @classmethod
+        def from_engine_args(cls, args):
+            return cls()
+
+    model = str(tiny.ensure())
+    spec = load_spec({"vllm": {"tensorParallelSize": 2, "extraEngineArgs": {"disable_log_stats": False,
+                                                                          "kv_cache_dtype": "fp8"}},
+                      "pools": {"inference": {"gpusPerNode": 2}}})
+    colocated = load_spec({**runtime_config(demo.local_spec([], colocated=True)), "engine": "vllm"})
+    for name, attrs in {"vllm": {}, "vllm.engine": {}, "vllm.engine.arg_utils": {"AsyncEngineArgs": Args},
+                        "vllm.v1": {}, "vllm.v1.engine": {}, "vllm.v1.engine.async_llm": {"AsyncLLM": Llm}}.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
+    asyncio.run(VllmCore(spec, model).start())
+    assert made["model"] == model and made["tensor_parallel_size"] == 2
+    assert made["distributed_executor_backend"] == "mp" and made["worker_extension_cls"] == EXTENSION
+    assert made["gpu_memory_utilization"] == 0.9 and made["enable_prefix_caching"] is True
+    assert made["disable_log_stats"] is False and made["kv_cache_dtype"] == "fp8"
+    assert made["enable_sleep_mode"] is False
+    made.clear()
+    asyncio.run(VllmCore(colocated, model).start())
+    assert made["enable_sleep_mode"] is True and made["disable_log_stats"] is True
+    assert made["distributed_executor_backend"] == "uni"
