@@ -128,6 +128,11 @@ INVALID = [
     ("priority-class-name", {"priorityClassName": "High Priority"}, "priorityClassName", "DNS-1123"),
     ("service-account-name", {"serviceAccountName": "Fleet_SA"}, "serviceAccountName", "DNS-1123"),
     ("gang-scheduler", {"gangScheduling": {"scheduler": "slurm"}}, "gangScheduling.scheduler", "kueue"),
+    # recovery and checkpoints
+    ("min-engines-above-engines", {"recovery": {"minEngines": 9}}, "recovery.minEngines",
+     "more than the fleet's 4 engine(s)"),
+    ("checkpoint-relative-path", {"job": {"checkpoint": {"path": "ckpt"}}}, "job.checkpoint.path", "absolute path"),
+    ("backoff-limit-negative", {"job": {"backoffLimit": -1}}, "job.backoffLimit", "greater than or equal"),
     ("queue-space", {"gangScheduling": {"scheduler": "volcano", "queue": "a b"}}, "gangScheduling.queue", "queue"),
     ("run-as-root", {"podSecurity": {"runAsUser": 0}}, "podSecurity.runAsUser", "greater than or equal to 1"),
     ("seccomp", {"podSecurity": {"seccompProfile": "Localhost"}}, "podSecurity.seccompProfile", "RuntimeDefault"),

@@ -363,6 +363,7 @@ RULE_CASES = {
     "annotations-too-large": {"pools": {"inference": {"annotations": {"a": "x" * 200000, "b": "y" * 70000}}}},
     "tp-exceeds-node": {"vllm": {"tensorParallelSize": 8}},
     "tp-does-not-divide": {"vllm": {"tensorParallelSize": 3}},
+    "min-engines-above-engines": {"recovery": {"minEngines": 9}},
     "prefix-caching-v0": {"env": {"VLLM_USE_V1": "0"}},
     "cpu-standin-tp": {"engine": "cpu-standin", "vllm": {"tensorParallelSize": 2}},
     "auth-token-old-ray": {"rayVersion": "2.10.0", "rayAuth": {"mode": "token"}},

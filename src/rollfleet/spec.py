@@ -230,6 +230,10 @@ class Rollout(Model):
     beyond it, so a slow trainer slows submission instead of growing memory."""
 
 
+AbsolutePath = text(r"/[^\x00-\x1f\x7f]*", "not an absolute path; give a directory inside the container, "
+                    "e.g. a PVC's mount path from `volumes`", max_length=4096)
+
+
 class Timeouts(Model):
     init_seconds: integer(1) = 1200
     """Engine start (placement + model load + profile)."""
@@ -269,6 +273,36 @@ class RuntimeEnv(Model):
         return {k: v for k, v in self.model_dump().items() if v}
 
 
+class Recovery(Model):
+    """Engine supervision (docs/operations.md): each engine is probed through its engine core, a dead or
+    frozen one is killed and restarted on its GPUs, re-admitted after a weight sync, and the requests
+    it held are sent again to live engines."""
+
+    probe_seconds: integer(1, 3600) = 5
+    """How often each engine is probed with a round trip through its engine core."""
+    probe_timeout_seconds: integer(1, 3600) = 20
+    """A probe unanswered this long makes the engine suspect, a second one dead (killed and restarted)."""
+    max_restarts: integer(0, 1000) = 3
+    """Restarts of one engine within `windowSeconds`; a failure beyond them stops the run, naming the engine."""
+    window_seconds: integer(1) = 3600
+    min_engines: integer(0, 10000) = 1
+    """Fewer live engines than this (dead ones whose budget is spent) stops the run."""
+    request_attempts: integer(1, 100) = 5
+    """How often one rollout request is sent (the first time + re-sends after engine faults) before it
+    is one error naming it."""
+
+
+class Checkpoint(Model):
+    """The built-in trainer's checkpoints: model, optimizer, step, weight version and data position."""
+
+    path: AbsolutePath | None = None
+    """A directory on shared storage (e.g. a PVC in `volumes`); a restarted job resumes from the newest
+    checkpoint in it. null: no checkpoints."""
+    every_steps: integer(1) = 10
+    keep: integer(1, 1000) = 2
+    """Checkpoints kept (the oldest are deleted once a newer one is complete)."""
+
+
 class Job(Model):
     enabled: bool = True
     """true: a RayJob that creates its own RayCluster; false: a standalone RayCluster."""
@@ -278,6 +312,10 @@ class Job(Model):
     runtime_env: RuntimeEnv = RuntimeEnv()
     steps: integer(1) = 3
     """Steps of the built-in GRPO trainer."""
+    checkpoint: Checkpoint = Checkpoint()
+    backoff_limit: integer(0, 100) = 0
+    """RayJob retries: each retry is a new RayCluster, and the built-in trainer resumes from the newest
+    checkpoint (job.checkpoint.path). KubeRay never retries a job past activeDeadlineSeconds."""
     submission_mode: SubmissionMode = "K8sJobMode"
     active_deadline_seconds: integer(1) | None = None
     ttl_seconds_after_finished: integer(0) = 3600
@@ -346,6 +384,7 @@ class FleetSpec(Model):
     sync: Sync = Sync()
     rollout: Rollout = Rollout()
     timeouts: Timeouts = Timeouts()
+    recovery: Recovery = Recovery()
     job: Job = Job()
     gang_scheduling: GangScheduling = GangScheduling()
     priority_class_name: ObjectName | None = None
@@ -464,6 +503,9 @@ def cross_field_problems(s: FleetSpec) -> list[str]:
     elif inf.gpus_per_node % tp:
         p.append(f"vllm.tensorParallelSize: {tp} does not divide pools.{where}.gpusPerNode "
                  f"{inf.gpus_per_node}; choose a divisor so engines fill each node")
+    elif s.recovery.min_engines > s.engines:  # only once the engine count itself is right
+        p.append(f"recovery.minEngines: {s.recovery.min_engines} is more than the fleet's {s.engines} engine(s); "
+                 f"lower it (the fleet would fail at its first fault)")
     if s.colocated:
         p.extend(colocated_problems(s))
     if s.vllm.enable_prefix_caching and s.env.get("VLLM_USE_V1") == "0":

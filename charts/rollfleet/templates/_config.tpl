@@ -18,7 +18,8 @@ Use: {{- $s := include "rollfleet.config" . | fromJson }}
   "pools.inference.ephemeralStorage" "pools.inference.gpuProduct" "pools.inference.affinity"
   "model.revision" "model.maxModelLen" "model.hfTokenSecret" "vllm.maxNumSeqs" "job.entrypoint"
   "job.activeDeadlineSeconds" "gangScheduling.scheduler" "gangScheduling.queue" "priorityClassName"
-  "serviceAccountName" "podSecurity.fsGroup" "networkPolicy.operatorNamespace" "job.runtimeEnv.workingDir" "pools.colocated" }}
+  "serviceAccountName" "podSecurity.fsGroup" "networkPolicy.operatorNamespace" "job.runtimeEnv.workingDir" "pools.colocated"
+  "job.checkpoint.path" }}
 {{- range $path := $nullable }}
   {{- $parts := splitList "." $path }}
   {{- $parent := $c }}

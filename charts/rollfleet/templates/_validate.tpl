@@ -32,6 +32,8 @@ Call with (dict "s" $s "ctx" $), $s = rollfleet.config parsed.
   {{- $p = append $p (printf "vllm.tensorParallelSize: %d > pools.%s.gpusPerNode %d; an engine never spans nodes, lower tensorParallelSize or raise gpusPerNode" $tp $where $gpusPerNode) }}
 {{- else if mod $gpusPerNode $tp }}
   {{- $p = append $p (printf "vllm.tensorParallelSize: %d does not divide pools.%s.gpusPerNode %d; choose a divisor so engines fill each node" $tp $where $gpusPerNode) }}
+{{- else if gt (int64 $s.recovery.minEngines) (div (mul (int64 (get $s.pools $where).nodes) $gpusPerNode) $tp) }}{{/* only once the engine count itself is right */}}
+  {{- $p = append $p (printf "recovery.minEngines: %d is more than the fleet's %d engine(s); lower it (the fleet would fail at its first fault)" (int64 $s.recovery.minEngines) (div (mul (int64 (get $s.pools $where).nodes) $gpusPerNode) $tp)) }}
 {{- end }}
 {{- if $colocated }}{{/* spec.colocated_problems */}}
   {{- range $name := list "trainer" "inference" }}
