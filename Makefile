@@ -18,21 +18,26 @@ export ROLLFLEET_CRDS_DIR := $(abspath $(CRDS_DIR))
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 LOCAL_TORCH := $(firstword $(foreach d,$(FIND_LINKS),$(wildcard $(d)/torch-*.whl)))
 
-.PHONY: help venv test test-image demo render manifests schema crds lint lock images deploy diff status down kind-smoke clean
+.PHONY: help venv test test-e2e test-image demo render manifests schema crds lint lock images deploy diff status down kind-smoke clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
+# --compile-bytecode: where PYTHONDONTWRITEBYTECODE is set (this CI's machines) no process caches what it
+# compiles, so every Ray worker would compile torch and transformers again (~10 s each on 2 cores).
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install -q $(LOCAL_TORCH) -e '.[runtime,validate,dev]'
+	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv pip install -q --compile-bytecode $(LOCAL_TORCH) -e '.[runtime,report,validate,dev]'
 	touch $@
 
 venv: $(BIN)/.installed ## create .venv with rollfleet, the CPU runtime and the test tools
 
 test: venv ## run the test suite (CPU; GPU tests skip without CUDA; the image stand-in build is `make test-image`)
-	$(BIN)/python -m pytest -q -m "not image_build"
+	$(BIN)/python -m pytest -q -m "not image_build and not e2e"
+
+test-e2e: venv ## the end-to-end proofs: 20-step demos that learn, survive a killed engine and resume from a checkpoint (~7 min)
+	$(BIN)/python -m pytest -q -m e2e
 
 test-image: venv ## the buildah stand-in build of the runtime image, as a test (root, buildah, debootstrap)
 	$(BIN)/python -m pytest -q -m image_build tests/test_image.py

@@ -19,7 +19,7 @@ import torch
 from torch import distributed as dist
 from rollfleet.bench.workers import param_sums
 from rollfleet.runtime.rollout import Request
-from rollfleet.runtime.trainer_group import full_tensors
+from rollfleet.runtime.push import full_tensors
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8, "ignore_eos": True}
 
@@ -37,6 +37,7 @@ def mine(ctx):
     return [s for c in ctx.generate(["The answer is", "red green"], GREEDY) for s in c.samples]
 
 def push_and_compare(ctx, shard):
+    start = ctx.version  # the fleet's: versions go on across runs
     model = model_of(ctx, shard)
     before = mine(ctx)
     ctx.release()
@@ -57,7 +58,7 @@ def push_and_compare(ctx, shard):
     after = mine(ctx)
     out = [None] * ctx.world_size
     dist.all_gather_object(out, {
-        "rank": ctx.rank, "asleep": asleep, "zeroed": all(v == 0 for v in zeroed.values()),
+        "rank": ctx.rank, "start": start, "asleep": asleep, "zeroed": all(v == 0 for v in zeroed.values()),
         "modes": [s.mode for s in stats], "versions": [s.version for s in stats],
         "checksums": [s.checksums_ok for s in stats], "equal": got == want,
         "engines": {x.engine for x in before + after}, "changed": [x.token_ids for x in before] != [x.token_ids for x in after],
@@ -71,18 +72,23 @@ def staged(ctx):
     return push_and_compare(ctx, shard=True)
 
 def waits_while_asleep(ctx):
-    if ctx.rank != 0:
-        return None
+    # every rank calls release and push (a barrier and an agreement are collectives); rank 0 asks
+    start = ctx.version
     model = model_of(ctx, False)
     rollouts = ctx.rollouts()
     ctx.release()
-    rollouts.submit([Request(prompt="hello", params=GREEDY)])  # queued: the engine sleeps
-    time.sleep(1.0)
-    waiting = ctx.fleet.health()[0]["queued_requests"]
+    waiting = None
+    if ctx.rank == 0:
+        rollouts.submit([Request(prompt="hello", params=GREEDY)])  # queued: the engine sleeps
+        time.sleep(1.0)
+        waiting = ctx.fleet.health()[0]["queued_requests"]
     stats = ctx.push(model)
+    if ctx.rank != 0:
+        return None
     (c,) = rollouts.take(1, version=ctx.version)
     rollouts.close()
-    return {"waiting": waiting, "version": stats.version, "sample": (c.samples[0].admitted_version, c.engine)}
+    return {"waiting": waiting, "start": start, "version": stats.version,
+            "sample": (c.samples[0].admitted_version, c.engine)}
 '''
 
 
@@ -100,9 +106,9 @@ def ray_local(spec, tmp_path_factory):
     ray.shutdown()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def stack(ray_local, spec):
-    """A fresh trainer group and its colocated engines per test (a push moves the versions on)."""
+    """One trainer group and its colocated engines for the module (each run continues the versions)."""
     group = TrainerGroup.start(spec)
     fleet = Fleet.start(spec, str(tiny.ensure()), trainers=group)
     yield group, fleet
@@ -115,10 +121,12 @@ def test_each_rank_hands_its_weights_to_the_engine_on_its_slot(stack, mode):
     group, fleet = stack
     for r in group.run(fleet, f"probe:{mode}", timeout_s=120):
         assert r["asleep"] == "asleep" and r["zeroed"], r  # released: vLLM sleep level 2 discards the weights
-        assert r["modes"] == [mode, mode] and r["versions"] == [1, 2] and r["checksums"] == [True, True]
+        v = r["start"]
+        assert r["modes"] == [mode, mode] and r["versions"] == [v + 1, v + 2] and r["checksums"] == [True, True]
         assert r["equal"], r  # the engine's parameters are the rank's (unsharded) model after the pushes
         assert r["engines"] == {r["rank"]}  # a rank's rollouts stay on its own engine
-        assert r["changed"] and r["stamped"] == {(2, 2)}
+        assert r["stamped"] == {(v + 2, v + 2)}
+        assert r["changed"] or v > 0  # from the base weights (the module's first run) the greedy outputs change
         if mode == "direct":  # the parameters were shared once, in place, and never again
             assert r["shared"] == 26
 
@@ -126,4 +134,5 @@ def test_each_rank_hands_its_weights_to_the_engine_on_its_slot(stack, mode):
 def test_a_request_made_while_the_engine_sleeps_waits_for_the_push(stack):
     group, fleet = stack
     out = group.run(fleet, "probe:waits_while_asleep", timeout_s=120)
-    assert out["waiting"] == 1 and out["version"] == 1 and out["sample"] == (1, 0)
+    v = out["start"] + 1
+    assert out["waiting"] == 1 and out["version"] == v and out["sample"] == (v, 0)

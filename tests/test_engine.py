@@ -12,6 +12,7 @@ import torch
 
 from rollfleet import demo
 from rollfleet.runtime import sync, tiny
+from rollfleet.runtime.push import Push
 from rollfleet.runtime.engine import EngineActor, EngineStartError, _start_error, vllm_sampling
 from rollfleet.runtime.rollout import Request, sampling_params
 from rollfleet.spec import load_spec, runtime_config
@@ -46,7 +47,7 @@ def collect(actor, count: int, client: str = CLIENT, timeout_s: float = 60) -> l
     deadline = time.monotonic() + timeout_s
     while len(out) < count:
         assert time.monotonic() < deadline, f"only {len(out)} of {count} results: {actor.health()}"
-        out.extend(actor.poll(client, 0.5))
+        out.extend(actor.poll(client, 0.5)["items"])
     return out
 
 
@@ -63,7 +64,7 @@ class Rank0:
     def __init__(self, *actors: EngineActor):
         world = 1 + len(actors)
         store, port = sync.open_store(HOST, world, 20)
-        joins = [threading.Thread(target=a.join, args=(HOST, port, world)) for a in actors]
+        joins = [threading.Thread(target=a.join, args=(HOST, port, world, i)) for i, a in enumerate(actors)]
         for t in joins:
             t.start()
         sync.wait_joined(store, world, 1, 20)
@@ -75,7 +76,7 @@ class Rank0:
 
     def push(self, tensors, send: bool = True) -> list[dict]:
         self.version += 1
-        push = sync.Push(self.version, 1 << 20, True, self.actors[0].spec.sync.inflight)
+        push = Push(self.version, 1 << 20, True, self.actors[0].spec.sync.inflight)
         acks: dict[int, object] = {}
 
         def receive(i, a):
@@ -165,7 +166,7 @@ def test_cancel_drops_a_clients_requests(actor):
     submit(actor, Request(prompt="hello", params={**LONG, "max_tokens": 250}), client="gone")
     wait_for(lambda: actor.health()["running_samples"] == 1, "running")
     actor.cancel("gone")
-    assert actor.health()["running_samples"] == 0 and actor.poll("gone", 0.1) == []
+    assert actor.health()["running_samples"] == 0 and actor.poll("gone", 0.1)["items"] == []
 
 
 # ---- pushes under each in-flight policy --------------------------------------------------------
@@ -188,7 +189,7 @@ def test_wait_drains_in_flight_samples_on_the_old_weights_then_admits_on_the_new
     rank0.push(weights(0))  # back to the original weights for the other tests
 
 
-def test_abort_resubmits_in_flight_samples_on_the_new_weights_and_none_mixes_versions():
+def test_abort_generates_in_flight_samples_again_on_the_new_weights_and_none_mixes_versions():
     actor = make_actor("sync.inflight=abort")
     try:
         rank0 = Rank0(actor)
@@ -197,10 +198,31 @@ def test_abort_resubmits_in_flight_samples_on_the_new_weights_and_none_mixes_ver
         wait_for(lambda: actor.health()["running_samples"] == 9, "running")
         (ack,) = rank0.push(weights(2))
         results = collect(actor, 3)
-        assert ack["policy"] == "abort" and ack["aborted"] == 9 and actor.health()["aborted"] == 9
+        assert ack["policy"] == "abort" and ack["interrupted"] == 9 and actor.health()["interrupted"] == 9
         assert_each_sample_once(results, 3)  # nothing lost, nothing twice
-        assert all(s["admitted_version"] == s["completed_version"] == 1 for s in samples_of(results))
+        assert all(s["versions"] == [(0, 1)] for s in samples_of(results))  # every token from the new weights
         assert all(len(s["token_ids"]) == 150 for s in samples_of(results))
+    finally:
+        actor.stop()
+
+
+def test_abort_keeps_the_finished_samples_of_a_group_and_restarts_only_the_others():
+    actor = make_actor("sync.inflight=abort")
+    try:
+        rank0 = Rank0(actor)
+        # one in 40 token ids stops a sample: the four samples end at different steps, so the push lands
+        # when some are done and others run
+        rid, = submit(actor, Request(prompt="hello world, the model says", params={
+            "n": 4, "temperature": 1.0, "seed": 7, "max_tokens": 200, "stop_token_ids": list(range(0, 1100, 40))}))
+        wait_for(lambda: 0 < actor.health()["completed"] and actor.health()["running_samples"] > 0, "part done", 60)
+        done_before = actor.health()["completed"]
+        (ack,) = rank0.push(weights(4))
+        (result,) = collect(actor, 1)
+        assert result["id"] == rid and "error" not in result
+        assert [s["index"] for s in result["samples"]] == [0, 1, 2, 3]
+        old = [s for s in result["samples"] if s["versions"] == [(0, 0)]]
+        new = [s for s in result["samples"] if s["versions"] == [(0, 1)]]
+        assert len(old) >= done_before and len(new) == 4 - len(old) == ack["interrupted"] > 0  # a group may mix
     finally:
         actor.stop()
 
@@ -216,16 +238,18 @@ def test_keep_freezes_in_flight_samples_across_the_update_and_they_say_so():
         (ack,) = rank0.push(weights(3))
         (spanning,) = collect(actor, 1)
         s = spanning["samples"][0]
-        assert ack["policy"] == "keep" and ack["in_flight"] == 1 and ack["aborted"] == 0
+        assert ack["policy"] == "keep" and ack["in_flight"] == 1 and ack["interrupted"] == 1
         assert (s["admitted_version"], s["completed_version"]) == (0, 1)
+        (first, v0), (switch, v1) = s["versions"]
+        assert (first, v0, v1) == (0, 0, 1) and switch >= 20 and len(s["token_ids"]) == 150
         old = unchanged["samples"][0]["token_ids"]
-        assert s["token_ids"][:20] == old[:20] and s["token_ids"] != old  # old weights first, new after
+        assert s["token_ids"][:switch] == old[:switch] and s["token_ids"] != old  # old weights first, new after
         assert baseline
     finally:
         actor.stop()
 
 
-def test_a_failed_push_fails_the_requests_and_health_reports_the_broken_group():
+def test_a_failed_push_leaves_the_engine_stale_holding_its_requests_until_a_push_reaches_it():
     actor = make_actor("sync.timeoutSeconds=2")
     try:
         rank0 = Rank0(actor)
@@ -238,13 +262,14 @@ def test_a_failed_push_fails_the_requests_and_health_reports_the_broken_group():
         (ack,) = box["ack"]
         assert isinstance(ack, sync.SyncError) and "engine 0: push v1 failed" in str(ack)
         h = actor.health()
-        assert h["state"] == "failed" and h["sync_group"].startswith("broken")
-        assert "form it again" in h["last_error"] and h["weight_version"] == 0
+        assert h["state"] == "stale" and h["sync_group"].startswith("broken") and h["weight_version"] == 0
+        assert "undefined until the next push reaches it" in h["last_error"] and h["queued_requests"] == 1
+        assert actor.poll(CLIENT, 0.5)["items"] == []  # nothing is served on undefined weights
+        rank0 = Rank0(actor)  # the group forms again; the next push re-admits the engine
+        rank0.version = 1
+        rank0.push(weights(0))
         (result,) = collect(actor, 1)
-        assert result["id"] == queued and "push v1 failed" in result["error"]
-        late, = submit(actor, Request(prompt="hello"))
-        (refused,) = collect(actor, 1)
-        assert refused["id"] == late and "weights are undefined" in refused["error"]
+        assert result["id"] == queued and result["samples"][0]["versions"] == [(0, 2)]
     finally:
         actor.stop()
 
@@ -267,8 +292,8 @@ def test_a_prefix_cache_reset_that_fails_is_an_error_and_the_version_is_not_stam
     actor = EngineActor(runtime_config(demo.local_spec()), 2, "unused")
     actor.core = _NoReset()
     actor.sched = Scheduler(2, actor.spec, actor.core)
-    with pytest.raises(sync.SyncError, match=r"engine 2: reset_prefix_cache\(\) returned False after push v3"):
-        actor.receive(sync.Push(3, 1 << 20, True))
+    with pytest.raises(sync.SyncError, match=r"engine 2: push v3 failed .*reset_prefix_cache\(\) returned False"):
+        actor.receive(Push(3, 1 << 20, True))
     assert actor.health()["weight_version"] == 0 and "stale KV" in actor.health()["last_error"]
 
 
@@ -301,7 +326,7 @@ def test_a_push_is_one_engine_core_round_trip_the_reset_sent_right_behind_the_re
     actor.core = _Ordered()
     actor.sched = Scheduler(0, actor.spec, actor.core)
     t, box = None, {}
-    t = threading.Thread(target=lambda: box.update(ack=actor.receive(sync.Push(1, 1 << 20, True))))
+    t = threading.Thread(target=lambda: box.update(ack=actor.receive(Push(1, 1 << 20, True))))
     t.start()
     wait_for(lambda: actor.core.calls[:2] == ["receive", "reset"], "both calls sent")  # before the receive is done
     actor.loop.call_soon_threadsafe(actor.core.release.set)
@@ -371,7 +396,7 @@ def test_vllm_core_builds_the_engine_arguments_from_the_spec(monkeypatch):
             made.update(kwargs)
 
     class Llm:
-        model_config = types.SimpleNamespace(max_model_len=4096)
+        model_config = types.SimpleNamespace(max_model_len=4096, get_vocab_size=lambda: 1024)
 
         @classmethod
         def from_engine_args(cls, args):

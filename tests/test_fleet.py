@@ -1,9 +1,10 @@
 """fleet.py + rollout.py on a real local Ray: 2 CPU stand-in engines, the sync group over gloo, rank 0
-= this process. One local Ray and one Fleet for the module (engine start dominates the cost); the
-destructive test (an engine killed mid-push) runs last. test_fleet_failures.py has its own fleet."""
+= this process. One local Ray and one Fleet for the module (engine start dominates the cost). The
+faults (engines killed and frozen) are in test_recovery.py, with a fleet of their own."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -14,8 +15,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from rollfleet import demo
 from rollfleet.runtime import sync, tiny
 from rollfleet.bench.workers import param_sums
-from rollfleet.runtime.fleet import Fleet, PushStats
-from rollfleet.runtime.rollout import Request, RolloutError
+from rollfleet.runtime.fleet import Fleet
+from rollfleet.runtime.push import PushStats
+from rollfleet.runtime.rollout import Request, RequestsFailed, RolloutError
+
+from reference import Reference, weights
 
 pytestmark = pytest.mark.slow
 
@@ -210,6 +214,23 @@ def test_staleness_bound_holds_under_random_timings(fleet, spec, sender, origina
             assert rollouts.stats["stale_resubmitted"] > 0
 
 
+def test_a_failed_request_is_raised_once_and_what_was_collected_stays_for_the_next_take(fleet):
+    with fleet.rollouts() as rollouts:
+        good = [Request(prompt=p, params={"max_tokens": 3}, tag=i) for i, p in enumerate(PROMPTS[:2])]
+        bad = Request(prompt_token_ids=[5] * 300, tag="long")  # model.maxModelLen is 256: the engine refuses it
+        rollouts.submit([*good, bad])
+        with pytest.raises(RequestsFailed, match=r"\(tag 'long'\) failed on engine \d: the prompt has 300 tokens"):
+            rollouts.take(3)
+        kept = rollouts.take(2)  # the completions the first take had collected, or still in flight
+        assert sorted(c.tag for c in kept) == [0, 1] and rollouts.stats["failed"] == 1
+        with pytest.raises(RolloutError, match="nothing more in flight"):
+            rollouts.take(1)
+    with fleet.rollouts() as rollouts:
+        with pytest.raises(RequestsFailed) as err:
+            rollouts.generate([*good, bad])
+        assert [c is not None for c in err.value.completions] == [True, True, False]  # beside the error, in order
+
+
 def test_health_answers_while_a_long_generation_is_in_flight(fleet):
     box: dict = {}
 
@@ -234,34 +255,68 @@ def test_health_answers_while_a_long_generation_is_in_flight(fleet):
     assert all(len(s.token_ids) == 200 for c in box["out"] for s in c.samples)
 
 
-# ---- destructive: leaves the sync group broken, so it runs last ------------------------------
+# ---- every token from the weights its version names ---------------------------------------------
 
 
-def test_an_engine_killed_mid_push_is_named_within_the_sync_timeout(fleet, sender, original):
-    import ray
+@pytest.fixture(scope="module")
+def reference():
+    ref = Reference()
+    yield ref
+    ref.close()
 
-    seen: list[dict] = []
 
-    def items():  # the push pulls lazily: engine 1 dies after 40 tensors, with buckets still to come
-        for i, item in enumerate(list(perturbed(original, 4).items()) * 20):
-            if i == 40:
-                seen.extend(fleet.health(timeout_s=5))  # health answers during the push
-                ray.kill(fleet.engines[1])
-            yield item
+def variant(fleet: Fleet, staleness: int) -> Fleet:
+    spec = fleet.spec.model_copy(update={"rollout": fleet.spec.rollout.model_copy(update={"max_staleness": staleness})})
+    return Fleet(spec, fleet.engines, fleet.groups, fleet.supervisor, fleet.vocab_size)
 
-    t0 = time.monotonic()
-    with pytest.raises(sync.SyncError) as err:
-        sender.push(items())
-    elapsed = time.monotonic() - t0
-    assert [h["state"] for h in seen] == ["receiving", "receiving"], err.value
-    assert "engine 1 died" in str(err.value) and "form it again" in str(err.value)
-    assert elapsed < SYNC_TIMEOUT + 15  # the timeout, plus the probes that name the engine
-    with pytest.raises(sync.SyncError, match="health: engine 1 failed"):
-        fleet.health()
-    with pytest.raises(sync.SyncError, match="the sync group is broken since push"):
-        sender.push(original.items())  # a broken group is never reused
-    # a new sync group cannot form without engine 1: the rendezvous names it instead of waiting
-    t0 = time.monotonic()
-    with pytest.raises(sync.SyncError, match="sync group rendezvous failed: engine 1"):
-        fleet.sender("cpu")
-    assert time.monotonic() - t0 < SYNC_TIMEOUT
+
+@pytest.mark.parametrize("staleness", [0, 1, 2])
+@pytest.mark.parametrize("policy", ["wait", "abort", "keep"])
+def test_every_token_comes_from_the_weights_its_version_names(fleet, sender, reference, policy, staleness):
+    """Every delivered token regenerated from the weights of the version it is stamped with
+    (tests/reference.py), for each in-flight policy at rollout.maxStaleness 0, 1 and 2, with pushes landing
+    while requests are in flight: 0 mismatches, 0 lost, 0 duplicated."""
+    f = variant(fleet, staleness)
+    sender.inflight = policy  # what each engine does with requests in flight during this test's pushes
+    sender.push(weights(sender.version + 1).items())  # every version from here on has reference weights
+    interrupted = sum(h["interrupted"] for h in f.health())
+    rng = random.Random(f"{policy}-{staleness}")
+    steps, per_step = 2, 4
+    params: dict[tuple, dict] = {}  # tag -> sampling params
+    got = []
+    with f.rollouts() as rollouts:
+        def submit(step):
+            requests = []
+            for i in range(per_step):
+                p = {"n": 3, "temperature": 1.0, "max_tokens": rng.randint(20, 70), "seed": rng.randint(0, 10**6),
+                     "logprobs": True}
+                if rng.random() < 0.5:
+                    p["stop_token_ids"] = [rng.randint(0, 300)]  # some samples end early, some do not
+                requests.append(Request(prompt=PROMPTS[rng.randrange(len(PROMPTS))], params=p, tag=(step, i)))
+            rollouts.submit(requests)
+            params.update({r.tag: r.params for r in requests})  # a stale group is sent again: same tag
+
+        for step in range(1, 2 + staleness):
+            submit(step)
+        for step in range(1, steps + 1):
+            batch = rollouts.take(per_step, version=sender.version)
+            assert all(c.staleness(sender.version) <= staleness for c in batch)
+            got += batch
+            submit(step + 1 + staleness)
+            sender.push(weights(sender.version + 1).items())  # lands while the next requests generate
+        got += list(rollouts.results())
+    sender.inflight = "wait"
+    tags = [c.tag for c in got]
+    assert len(tags) == len(set(tags)), "a request was delivered twice"
+    assert set(tags) == set(params), "a request was lost"
+    problems = [line for c in got for line in reference.mismatches(c, params[c.tag])]
+    assert problems == []
+    for c in got:  # the account covers every token, in order, once
+        for s in c.samples:
+            assert s.versions[0][0] == 0 and [a for a, _ in s.versions] == sorted({a for a, _ in s.versions})
+            assert len(s.token_versions()) == len(s.token_ids) == len(s.logprobs)
+            assert policy == "keep" or not s.spans_update  # only keep continues a sample across a push
+    if policy != "wait":  # otherwise the test proves nothing about interrupting
+        assert sum(h["interrupted"] for h in f.health()) > interrupted, "no push interrupted a sample"
+    if policy == "keep":
+        assert any(s.spans_update for c in got for s in c.samples), "no sample spans a push"

@@ -31,17 +31,24 @@ def test_an_unknown_sampling_param_gets_one_error_listing_the_supported_ones():
     ({"n": 0}, "n: 0 must be >= 1"),
     ({"n": 2.0}, "n: 2.0 is not an integer"),
     ({"temperature": -1}, "temperature: -1 must be >= 0"),
-    ({"top_p": 0}, "top_p: 0 must be > 0 and <= 1"),
-    ({"top_p": 1.5}, "top_p: 1.5 must be > 0 and <= 1"),
+    ({"temperature": float("nan")}, "temperature: nan must be a finite number"),
+    ({"top_p": float("inf")}, "top_p: inf must be a finite number"),
+    ({"top_p": 0}, "top_p: 0 must be > 0"),
+    ({"top_p": 1.5}, "top_p: 1.5 must be <= 1"),
     ({"top_k": -2}, "top_k: -2 must be >= -1"),
-    ({"min_p": 2}, "min_p: 2 must be >= 0 and <= 1"),
+    ({"min_p": 2}, "min_p: 2 must be <= 1"),
     ({"max_tokens": 0}, "max_tokens: 0 must be >= 1"),
-    ({"min_tokens": 20, "max_tokens": 10}, "min_tokens: 20 must be >= 0 and <= 10"),
+    ({"min_tokens": 20, "max_tokens": 10}, "min_tokens: 20 must be <= max_tokens (10)"),
     ({"repetition_penalty": 0}, "repetition_penalty: 0 must be > 0"),
     ({"seed": "1"}, "seed: '1' is not an integer"),
-    ({"stop": [""]}, "stop: [''] is not a list of non-empty strings"),
-    ({"stop_token_ids": [1, -3]}, "stop_token_ids: [1, -3] is not a list of token ids"),
-    ({"logprobs": 1}, "logprobs: 1 is not true/false; true returns the sampled tokens' logprobs"),
+    ({"seed": -1}, "seed: -1 must be >= 0"),
+    ({"seed": 2**63}, "seed: 9223372036854775808 must be < 2**63 - n + 1"),
+    ({"seed": 2**63 - 2, "n": 4}, "seed: 9223372036854775806 must be < 2**63 - n + 1"),
+    ({"stop": [""]}, "stop: an empty string never stops; remove it"),
+    ({"stop": [3]}, "stop.0: 3 is not a string"),
+    ({"stop_token_ids": [1, -3]}, "stop_token_ids: [1, -3] holds a negative token id"),
+    ({"stop_token_ids": ["1"]}, "stop_token_ids.0: '1' is not an integer"),
+    ({"logprobs": 1}, "logprobs: 1 is not true/false"),
     ({"temperature": True}, "temperature: True is not a number"),
 ])
 def test_bad_sampling_params_name_the_key(params, fragment):
@@ -63,7 +70,9 @@ def test_a_request_takes_exactly_one_prompt_form():
 @pytest.mark.parametrize("request_,fragment", [
     (Request(prompt_token_ids=[]), "prompt_token_ids must be a non-empty list of token ids"),
     (Request(prompt_token_ids=[1, "2"]), "prompt_token_ids must be a non-empty list of token ids"),
-    (Request(prompt=3), "prompt must be a string"),
+    (Request(prompt=3), "prompt must be a non-empty string"),
+    (Request(prompt=""), "prompt must be a non-empty string"),
+    (Request(messages=[]), "messages must be a non-empty list"),
     (Request(messages=[{"role": "user"}]), "messages must be a non-empty list"),
     (Request(prompt="x", params={"top_k": 1.5}), "sampling param top_k"),
 ])
@@ -72,9 +81,18 @@ def test_bad_requests_name_what_is_wrong(request_, fragment):
         request_.wire("r")
 
 
+def test_token_ids_beyond_the_vocabulary_are_refused_naming_the_bound():
+    assert Request(prompt_token_ids=[1, 1023]).wire("r", vocab_size=1024)
+    with pytest.raises(ValueError, match=r"r: prompt_token_ids: \[1024\] beyond the model's vocabulary \(ids < 1024\)"):
+        Request(prompt_token_ids=[1, 1024]).wire("r", vocab_size=1024)
+    with pytest.raises(ValueError, match=r"sampling param stop_token_ids: \[5000\] beyond the model's vocabulary"):
+        Request(prompt="x", params={"stop_token_ids": [5000]}).wire("r", vocab_size=1024)
+
+
 def _sample(i, admitted, completed) -> dict:
-    return {"index": i, "token_ids": [i], "text": str(i), "logprobs": None, "finish_reason": "length",
-            "admitted_version": admitted, "completed_version": completed}
+    versions = [(0, admitted)] if admitted == completed else [(0, admitted), (1, completed)]
+    return {"index": i, "token_ids": [i, i], "text": str(i), "logprobs": None, "finish_reason": "length",
+            "versions": versions, "admitted_version": admitted, "completed_version": completed}
 
 
 def test_a_completion_is_as_old_as_its_oldest_sample():
@@ -86,3 +104,4 @@ def test_a_completion_is_as_old_as_its_oldest_sample():
     assert all(isinstance(s, Sample) and s.prompt_tokens == 3 and s.engine == 1 for s in c.samples)
     assert c.admitted_version == 2 and c.staleness(4) == 2 and c.staleness(2) == 0
     assert c.samples[1].spans_update and not c.samples[0].spans_update
+    assert c.samples[1].token_versions() == [2, 3] and c.samples[0].token_versions() == [3, 3]

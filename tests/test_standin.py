@@ -43,7 +43,8 @@ def ids(core, text: str) -> list[int]:
 async def _generate(core, prompt, params, salt="s", request="r") -> dict[int, dict]:
     params = sampling_params(params)
     out: dict[int, dict] = {}
-    await core.generate(request, prompt, params, list(range(params["n"])), salt, lambda i, o: out.__setitem__(i, o))
+    await core.generate(request, [(i, prompt, params) for i in range(params["n"])], salt,
+                        lambda i, o: out.__setitem__(i, o))
     return out
 
 
@@ -193,6 +194,41 @@ def test_no_scheduler_step_runs_while_weights_load(loop, core):
 
     seen, frozen, out = run(loop, scenario())
     assert frozen == seen and len(out[0]["token_ids"]) == 200
+
+
+def test_abort_ends_every_sample_between_two_steps_with_the_tokens_it_has(loop, core):
+    prompt = ids(core, "the cat and the dog")
+
+    async def scenario():
+        task = asyncio.ensure_future(_generate(core, prompt, {**GREEDY, "n": 2, "max_tokens": 200}, salt="a", request="k"))
+        while not core.running or len(core.running[0].tokens[0]) < 10:
+            await asyncio.sleep(0.005)
+        cohort = core.running[0]
+        await core.abort("k")
+        at = len(cohort.tokens[0])
+        await asyncio.sleep(0.2)
+        return await task, (at, len(cohort.tokens[0]))
+
+    out, (at, later) = run(loop, scenario())
+    assert at == later == len(out[0]["token_ids"])  # not one step after the abort
+    full = gen(loop, core, prompt, {**GREEDY, "n": 2, "max_tokens": 200}, salt="b")
+    for i in (0, 1):
+        k = len(out[i]["token_ids"])
+        assert out[i]["finish_reason"] == "abort" and 10 <= k < 200
+        assert out[i]["token_ids"] == full[i]["token_ids"][:k]  # exactly the tokens it had, nothing after
+
+
+def test_a_continuation_from_its_tokens_so_far_goes_on_as_if_never_stopped(loop, core):
+    """What sync.inflight keep does after a push, on the same weights: the same tokens (greedy)."""
+    from rollfleet.runtime.engine import continued
+
+    prompt = ids(core, "red green blue")
+    params = sampling_params({**GREEDY, "max_tokens": 60})
+    full = gen(loop, core, prompt, params)[0]["token_ids"]
+    out: dict = {}
+    run(loop, core.generate("c", [(0, prompt + full[:25], continued(params, 25))], "c2",
+                            lambda i, o: out.__setitem__(i, o)))
+    assert full[:25] + out[0]["token_ids"] == full
 
 
 def test_load_weights_unknown_name_is_a_key_error_naming_it(core):

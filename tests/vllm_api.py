@@ -147,6 +147,16 @@ USES: tuple[Use, ...] = (
     Use(CALL, _ASYNC, "AsyncLLM.shutdown"),
     Use(ATTR, _ASYNC, "AsyncLLM.model_config", where=("__init__",)),
     Use(FIELD, "vllm.config", "ModelConfig.max_model_len"),
+    Use(CALL, "vllm.config", "ModelConfig.get_vocab_size"),  # the client's bound on token ids
+    Use(ATTR, _ASYNC, "AsyncLLM.errored"),  # the engine core died (engine.py VllmCore.failure)
+    # sync.inflight abort / keep interrupt a sample with abort(request ids): the output processor puts a
+    # final output with finish_reason "abort" and the tokens it had into the request's queue, which the
+    # running generate() yields (FINAL_ONLY keeps every token so far): engine.py Scheduler._pause
+    Use(CALL, _ASYNC, "AsyncLLM.abort", ("request_id",)),
+    Use(SOURCE, "vllm.v1.engine.output_processor", "OutputProcessor.abort_requests",
+        values=("FinishReason.ABORT", "req_state.queue.put(", "external_req_ids")),
+    Use(SOURCE, "vllm.v1.engine.output_processor", "RequestState._new_completion_output",
+        values=("token_ids = self.detokenizer.output_token_ids",)),
     # cancelling AsyncLLM.generate aborts the request in vLLM (engine.py aborts by cancelling tasks)
     Use(SOURCE, _ASYNC, "AsyncLLM.generate", values=("asyncio.CancelledError", "await self.abort(")),
     # reset_prefix_cache(reset_running_requests=True) preempts running requests: their KV is recomputed
@@ -186,6 +196,11 @@ USES: tuple[Use, ...] = (
     *(Use(FIELD, _DU, f"StatelessProcessGroup.{name}") for name in ("rank", "world_size", "store")),
     Use(CALL, _NCCL, "PyNcclCommunicator.__init__", ("group", "*", "device")),
     Use(CALL, _NCCL, "PyNcclCommunicator.broadcast", ("tensor", "*", "src", "stream")),
+    # a push that failed aborts the communicator (ncclCommAbort through the wrapper's own ctypes library:
+    # the wrapper declares ncclCommDestroy, not ncclCommAbort; sync.py NcclTransport.abort)
+    Use(ATTR, _NCCL, "PyNcclCommunicator.nccl", where=("__init__",)),
+    Use(ATTR, _NCCL, "PyNcclCommunicator.comm", where=("__init__",)),
+    Use(ATTR, "vllm.distributed.device_communicators.pynccl_wrapper", "NCCLLibrary.lib", where=("__init__",)),
     # inside the GPU worker (ext.py: methods of the worker extension run as the Worker)
     Use(ATTR, "vllm.v1.worker.gpu_worker", "Worker.device", where=("init_device",)),
     Use(ATTR, "vllm.v1.worker.gpu_worker", "Worker.model_runner", where=("init_device",)),

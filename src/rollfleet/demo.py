@@ -51,6 +51,13 @@ def add_command(sub, func) -> None:
     p.add_argument("--colocated", action="store_true",
                    help="the colocated layout (manifests/examples/local-colocated.yaml): each trainer rank and its "
                         "engine share a slot, the engine sleeps while the rank trains, weights through shared memory")
+    p.add_argument("--kill-engine", type=int, metavar="STEP",
+                   help="a fault on purpose: SIGKILL engine 0 once step STEP is done (--colocated: while it sleeps); "
+                        "the run must still complete every step, with every request accounted for, and prints "
+                        "how long recovery took")
+    p.add_argument("--plot", metavar="PNG", default="rollfleet-demo.png",
+                   help="where to write the run's plot: reward, tokens/s, staleness and push time per step "
+                        "(default %(default)s; '' for none)")
     p.set_defaults(func=func)
 
 
@@ -77,8 +84,23 @@ def main(args) -> int:
               f"on a loaded machine retry, or raise RAY_raylet_start_wait_time_s (now "
               f"{os.environ['RAY_raylet_start_wait_time_s']})", file=sys.stderr)
         return 1
+    kill = getattr(args, "kill_engine", None)
+    if kill is not None and not 1 <= kill < spec.job.steps:
+        print(f"error: --kill-engine {kill}: give a step from 1 to {spec.job.steps - 1} (job.steps={spec.job.steps}), "
+              f"so that a step follows the fault", file=sys.stderr)
+        ray.shutdown()
+        return 2
+    plot = getattr(args, "plot", "")
+
+    def report(rows):
+        if plot and rows:
+            from rollfleet import report as plots
+
+            title = f"rollfleet demo: {spec.job.steps} steps, sync.inflight={spec.sync.inflight}"
+            print(f"[rollfleet] plot: {plots.write_plot(rows, plot, title)}", flush=True)
+
     try:
-        return launch.run(spec, model)
+        return launch.run(spec, model, kill_engine_at=kill, on_rows=report)
     finally:
         ray.shutdown()
 
@@ -86,4 +108,4 @@ def main(args) -> int:
 if __name__ == "__main__":
     import argparse
 
-    sys.exit(main(argparse.Namespace(set=[], colocated=False)))
+    sys.exit(main(argparse.Namespace(set=[], colocated=False, kill_engine=None, plot="")))

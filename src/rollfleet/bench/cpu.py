@@ -33,12 +33,12 @@ class SyncSink:
         torch.set_num_threads(1)
         self.index, self.timeout_s, self.tensors, self.transport = index, timeout_s, {}, None
 
-    def join(self, host: str, port: int, world_size: int) -> list[int]:
+    def join(self, host: str, port: int, world_size: int, position: int) -> list[int]:
         import torch
 
         from rollfleet.runtime import sync
 
-        rank = sync.rank_of(self.index, 0, 1)
+        rank = sync.rank_of(position, 0, 1)
         self.transport = sync.join("gloo", host, port, rank, world_size, torch.device("cpu"), self.timeout_s)
         return [rank]
 
@@ -51,9 +51,10 @@ class SyncSink:
 
     def receive(self, push) -> dict[str, Any]:
         from rollfleet.runtime import sync
+        from rollfleet.runtime.push import Push
 
         t0 = time.perf_counter()
-        sums = sync.receive(sync.Push.from_wire(push), self.transport, self._load, time.monotonic() + self.timeout_s)
+        sums = sync.receive(Push.from_wire(push), self.transport, self._load, time.monotonic() + self.timeout_s)
         return {"engine": self.index, "version": push.version, "checksums": [sums], "policy": push.inflight,
                 "paused_seconds": time.perf_counter() - t0, "worker_seconds": time.perf_counter() - t0}
 

@@ -15,13 +15,20 @@ from rollfleet.runtime import sync
 
 
 class WeightSyncExtension:
-    def rollfleet_join(self, host: str, port: int, engine: int, tp_size: int, world_size: int,
+    def rollfleet_join(self, host: str, port: int, position: int, tp_size: int, world_size: int,
                        timeout_s: float) -> int:
-        """Join the sync group as rank 1 + engine·TP + (this worker's TP rank). Returns the rank."""
+        """Join a (new) sync group as rank 1 + position·TP + (this worker's TP rank). Returns the rank."""
         tp_rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        rank = sync.rank_of(engine, tp_rank, tp_size)
+        rank = sync.rank_of(position, tp_rank, tp_size)
+        sync.retire(getattr(self, "rollfleet_transport", None))  # a former group (formed again after a fault)
         self.rollfleet_transport = sync.join("nccl", host, port, rank, world_size, self.device, timeout_s)
         return rank
+
+    def rollfleet_probe(self) -> int:
+        """The supervisor's liveness probe: a round trip through the engine core to this worker."""
+        import os
+
+        return os.getpid()
 
     def rollfleet_receive(self, push: dict, timeout_s: float) -> dict:
         """Receive one push bucket by bucket, handing views of each bucket to the model's

@@ -26,6 +26,9 @@ from typing import Any, Callable
 import torch
 
 from rollfleet.runtime import sync
+from rollfleet.runtime.calls import actor_died, describe
+from rollfleet.runtime.push import PushStats, full_tensors
+from rollfleet.runtime.supervisor import MEMBERS, FleetFailed
 
 
 def _gpu_uuid(device: torch.device) -> str:
@@ -108,7 +111,8 @@ def load(msg: dict[str, Any], cache: dict[str, torch.Tensor], load_fn: Callable[
 
 
 class IpcSender:
-    """A trainer rank's weight handoff to the engine on its own GPU (the colocated layout)."""
+    """A trainer rank's weight handoff to the engine on its own GPU (the colocated layout). After the
+    engine was replaced (a new incarnation), every handle is shared with it again."""
 
     def __init__(self, fleet, engine: int, device: Any):
         if not torch.device(device).type == "cuda":
@@ -117,44 +121,59 @@ class IpcSender:
             mp.set_sharing_strategy("file_system")  # CPU stand-in: handles by shared-memory file name
         self.fleet, self.index, self.device = fleet, engine, torch.device(device)
         self.engine = fleet.engines[engine]
-        self.version = fleet.version
-        self.timeout_s = fleet.spec.sync.timeout_seconds
+        self.version = fleet.version  # versions only increase over the fleet's life
+        self.timeouts = fleet.timeouts
         self.bucket_bytes = fleet.spec.sync.bucket_mib << 20
+        self.incarnation: str | None = None  # of the engine the handles below were shared with
         self.shared: dict[str, tuple[tuple, str]] = {}  # name -> (storage identity, handle key) seen by the engine
         self.buffers: list[tuple[torch.Tensor, str] | None] = [None, None]  # staged: (buffer, handle key)
-        self.broken: str | None = None
 
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
         return self._resolve(self.engine.receive_ipc.remote(msg), msg["version"])
 
-    def push(self, weights, verify: bool | None = None):
-        """Hand `weights` (a model, or an iterable of HF-named unsharded tensors) to this rank's engine."""
-        if self.broken:
-            raise sync.SyncError(f"push: the handoff to engine {self.index} broke at {self.broken}; restart the fleet")
+    def _engine_ready(self) -> None:
+        """Wait until this rank's engine is started (it may be being replaced); a new incarnation
+        has none of the handles shared with the old one."""
+        state = self.fleet.roster()["engines"][self.index]
+        if state["state"] not in MEMBERS:
+            roster = self.fleet.settle(self.timeouts.init.outer)
+            if roster["failed"]:
+                raise FleetFailed(roster["failed"])
+            state = roster["engines"][self.index]
+            if state["state"] not in MEMBERS:
+                raise sync.SyncError(f"push: engine {self.index} is {state['state']} ({state['reason']}) after "
+                                     f"{self.timeouts.init.within}")
+        if state["incarnation"] != self.incarnation:
+            self.incarnation, self.shared, self.buffers = state["incarnation"], {}, [None, None]
+
+    def push(self, weights, verify: bool | None = None, version: int | None = None):
+        """Hand `weights` (a model, or an iterable of HF-named unsharded tensors) to this rank's engine as
+        `version` (default one more than the last)."""
+        self._engine_ready()
         verify = self.fleet.spec.sync.verify_checksums if verify is None else verify
-        version = self.version + 1
+        version = self.version + 1 if version is None else version
+        members = [(self.index, self.incarnation)]
         t0 = time.perf_counter()
         direct = isinstance(weights, torch.nn.Module) and not any(hasattr(p, "full_tensor")
                                                                   for p in weights.parameters())
-        if direct:
-            tensors = [(n, p.detach()) for n, p in weights.named_parameters()]
-            acks, sent = self._direct(tensors, version, verify), [checksum(t) for _, t in tensors] if verify else []
-            calls, nbytes, count = 1, sum(t.numel() * t.element_size() for _, t in tensors), len(tensors)
-        else:
-            from rollfleet.runtime.trainer_group import full_tensors
-
-            source = full_tensors(weights) if isinstance(weights, torch.nn.Module) else iter(weights)
-            acks, sent, calls, nbytes, count = self._staged(source, version, verify)
+        try:
+            if direct:
+                tensors = [(n, p.detach()) for n, p in weights.named_parameters()]
+                acks, sent = self._direct(tensors, version, verify), [checksum(t) for _, t in tensors] if verify else []
+                calls, nbytes, count = 1, sum(t.numel() * t.element_size() for _, t in tensors), len(tensors)
+            else:
+                source = full_tensors(weights) if isinstance(weights, torch.nn.Module) else iter(weights)
+                acks, sent, calls, nbytes, count = self._staged(source, version, verify)
+            got = [s for a in acks for w in a["workers"] for s in w["checksums"]]
+            if verify and got != sent:
+                raise sync.SyncError(f"push v{version}: engine {self.index} read other bytes than this rank wrote "
+                                     f"(checksums differ); the handoff raced the trainer")
+        except sync.SyncError as exc:
+            self.fleet.unsynced(members, f"push v{version} failed")
+            raise sync.SyncError(f"{exc}; its weights are undefined until a push reaches it") from None
         send_seconds = time.perf_counter() - t0
-        got = [s for a in acks for w in a["workers"] for s in w["checksums"]]
-        if verify and got != sent:
-            self.broken = f"push v{version}"
-            raise sync.SyncError(f"push v{version}: engine {self.index} read other bytes than this rank wrote "
-                                 f"(checksums differ); the handoff raced the trainer: restart the fleet")
-        self.version = version
-        self.fleet.version = max(self.fleet.version, version)
-        from rollfleet.runtime.fleet import PushStats
-
+        self.version = max(self.version, version)
+        self.fleet.synced(version, members)
         profile = ({k: v for k, v in acks[-1].items() if k != "workers"},)
         return PushStats(version, nbytes, calls, count, time.perf_counter() - t0, 1, True if verify else None,
                          send_seconds, profile, "direct" if direct else "staged")
@@ -237,11 +256,9 @@ class IpcSender:
     def _resolve(self, ref, version: int) -> dict:
         import ray
 
-        from rollfleet.runtime.rollout import describe
-
         try:
-            return ray.get(ref, timeout=self.timeout_s)
+            return ray.get(ref, timeout=self.timeouts.sync.outer)
         except Exception as exc:
-            self.broken = f"push v{version}"
-            raise sync.SyncError(f"push v{version}: engine {self.index} failed: {describe(exc)}; its weights are "
-                                 f"undefined: restart the fleet") from None
+            if actor_died(exc):
+                self.fleet.report(self.index, self.incarnation, f"died in push v{version} ({describe(exc)})")
+            raise sync.SyncError(f"push v{version}: engine {self.index} failed: {describe(exc)}") from None

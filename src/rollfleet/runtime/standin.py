@@ -9,6 +9,8 @@ vLLM where the runtime's semantics depend on it:
   (`reset_running_requests=True`: their KV is recomputed with the new weights, as vLLM does);
 * a weight load never overlaps a scheduler step (vLLM's engine core runs a utility call between
   steps): the loop pauses while `receive` runs;
+* `abort(key)` ends a request's samples between two steps with the tokens they have, as vLLM's abort
+  output does (the engine interrupts requests this way for `sync.inflight` abort and keep);
 * vLLM's sampling parameters and defaults, its raw logprobs, its finish reasons.
 Weights arrive through the same `sync.receive` as the vLLM worker extension, over gloo.
 """
@@ -19,13 +21,16 @@ import asyncio
 import copy
 import dataclasses
 import inspect
+import json
+import os
 import time
 from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 
-from rollfleet.runtime import sync
+from rollfleet.runtime import ipc, sync
+from rollfleet.runtime.push import Push
 
 PREFIX_ENTRIES = 256  # prompts whose KV the stand-in keeps (LRU)
 
@@ -83,6 +88,7 @@ class StandinCore:
                                                           dtype=dtype).eval()
         self.params = dict(self.model.named_parameters())
         self.max_model_len = spec.model.max_model_len or self.model.config.max_position_embeddings
+        self.vocab_size = self.model.config.vocab_size
         self.eos = self.tokenizer.eos_token_id
         self._wake = asyncio.Event()
         self._utility = asyncio.Lock()  # like vLLM's engine core: utility calls run one at a time, in order
@@ -90,23 +96,57 @@ class StandinCore:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt: list[int], params: dict[str, Any], indices: list[int],
-                       salt: str, on_sample: Callable[[int, dict[str, Any]], None]) -> None:
-        """Decode samples `indices` of one request; `on_sample(index, output)` as each finishes."""
-        seed = params["seed"]
-        cohort = Cohort(request_id, list(prompt), params, list(indices), salt, on_sample,
-                        asyncio.get_running_loop().create_future(),
-                        tokens=[[] for _ in indices], logprobs=[[] for _ in indices],
-                        generators=[torch.Generator().manual_seed(seed + i) if seed is not None else None
-                                    for i in indices])
-        self.waiting.append(cohort)
+    async def generate(self, key: str, jobs: list[tuple[int, list[int], dict[str, Any]]], salt: str,
+                       on_sample: Callable[[int, dict[str, Any]], None]) -> None:
+        """Decode each job (sample index, prompt token ids, sampling params); `on_sample(index, output)`
+        as each finishes, or (after `abort(key)`) with the tokens it had and finish_reason "abort".
+        Jobs with the same prompt and params decode as one batch (a request's fresh samples)."""
+        loop = asyncio.get_running_loop()
+        batches: dict[tuple, list[tuple[int, list[int], dict[str, Any]]]] = {}
+        for job in jobs:
+            batches.setdefault((tuple(job[1]), json.dumps(job[2], sort_keys=True)), []).append(job)
+        cohorts = []
+        for batch in batches.values():
+            prompt, params = batch[0][1], batch[0][2]
+            seed = params["seed"]
+            rows = [index for index, _, _ in batch]
+            cohorts.append(Cohort(key, list(prompt), params, rows, salt, on_sample, loop.create_future(),
+                                  tokens=[[] for _ in rows], logprobs=[[] for _ in rows],
+                                  generators=[torch.Generator().manual_seed(seed + i) if seed is not None else None
+                                              for i in rows]))
+        self.waiting.extend(cohorts)
         self._wake.set()
         try:
-            await cohort.done
-        finally:  # finished, failed or cancelled (abort): it leaves the scheduler either way
-            for queue in (self.waiting, self.running):
-                if cohort in queue:
-                    queue.remove(cohort)
+            await asyncio.gather(*(c.done for c in cohorts))
+        finally:  # finished, failed, interrupted or cancelled: it leaves the scheduler either way
+            for c in cohorts:
+                for queue in (self.waiting, self.running):
+                    if c in queue:
+                        queue.remove(c)
+
+    async def abort(self, key: str) -> None:
+        """Interrupt `key`'s samples between two steps: each ends with the tokens it has."""
+        for c in [c for c in (*self.running, *self.waiting) if c.request_id == key and not c.done.done()]:
+            for r, index in enumerate(c.rows):
+                c.on_sample(index, {"token_ids": list(c.tokens[r]), "finish_reason": "abort",
+                                    "text": self.tokenizer.decode(c.tokens[r],
+                                                                  skip_special_tokens=c.params["skip_special_tokens"]),
+                                    "logprobs": list(c.logprobs[r]) if c.params["logprobs"] else None})
+            c.done.set_result(None)
+
+    def failure(self) -> str | None:
+        """Why the scheduler loop is gone, or None while it runs."""
+        if not self._loop_task.done() or self._loop_task.cancelled():
+            return None
+        exc = self._loop_task.exception()
+        return f"the stand-in's scheduler loop ended ({type(exc).__name__}: {exc})" if exc else "the loop ended"
+
+    async def probe(self, timeout_s: float) -> list[int]:
+        """A round trip through the scheduler's loop (what collective_rpc is for vLLM)."""
+        await asyncio.sleep(0)
+        if self.failure():
+            raise RuntimeError(self.failure())
+        return [os.getpid()]
 
     async def _loop(self) -> None:
         while True:
@@ -227,8 +267,9 @@ class StandinCore:
 
     # ---- weights --------------------------------------------------------------------------------
 
-    async def join(self, host: str, port: int, engine: int, world_size: int, timeout_s: float) -> list[int]:
-        rank = sync.rank_of(engine, 0, 1)
+    async def join(self, host: str, port: int, position: int, world_size: int, timeout_s: float) -> list[int]:
+        rank = sync.rank_of(position, 0, 1)
+        sync.retire(self.transport)  # a former group (formed again after a fault)
         self.transport = await asyncio.to_thread(sync.join, "gloo", host, port, rank, world_size,
                                                  torch.device("cpu"), timeout_s)
         return [rank]
@@ -240,12 +281,12 @@ class StandinCore:
                     raise KeyError(f"weight {name!r} is not a parameter of this model")
                 self.params[name].copy_(tensor)
 
-    async def receive(self, push: sync.Push, timeout_s: float) -> list[dict[str, Any]]:
+    async def receive(self, push: Push, timeout_s: float) -> list[dict[str, Any]]:
         """Receive one push into the model; the scheduler does not step meanwhile."""
         async with self._utility:
             return await self._receive(push, timeout_s)
 
-    async def _receive(self, push: sync.Push, timeout_s: float) -> list[dict[str, Any]]:
+    async def _receive(self, push: Push, timeout_s: float) -> list[dict[str, Any]]:
         self.paused = True
         try:
             t0 = time.perf_counter()
@@ -282,8 +323,6 @@ class StandinCore:
 
     async def load_ipc(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
         """One colocated handoff call (ipc.load) from shared memory; the scheduler does not step meanwhile."""
-        from rollfleet.runtime import ipc
-
         self.paused = True
         try:
             cache = self.__dict__.setdefault("ipc_cache", {})

@@ -1,6 +1,8 @@
 """The weight-sync group: trainer rank 0 + every engine worker, and the bucketed push over it.
 
-Ranks: trainer = 0; engine i, TP rank t = 1 + i·TP + t. World size = 1 + engines × TP.
+Ranks: trainer = 0; the group's p-th member engine, TP rank t = 1 + p·TP + t. World size = 1 + members ×
+TP. A group's world size is fixed when it forms, so after an engine fault it is formed again over the
+engines that are members then, on a new port (sender.py), never grown.
 Transports: NCCL (`StatelessProcessGroup` + `PyNcclCommunicator`, vLLM's public building blocks) on
 GPUs; gloo (`torch.distributed.ProcessGroupGloo` on its own TCPStore) for the CPU stand-in.
 
@@ -22,46 +24,36 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from rollfleet.runtime.push import Push
+
 ALIGN = 256  # byte alignment of every tensor inside a bucket (keeps views aligned for any dtype)
 JOIN_KEY = "rollfleet/joined/{}"
+ABANDONED_KEY = "rollfleet/abandoned"  # rank 0 sets it when a push failed: receivers stop waiting for it
+SLICE_SECONDS = 0.5  # how often a receiver blocked on the transport checks whether rank 0 gave up
 
 
 class SyncError(RuntimeError):
     """The sync group failed: the message names the engine / rank and the setting to change."""
 
 
-def rank_of(engine: int, tp_rank: int, tp_size: int) -> int:
-    return 1 + engine * tp_size + tp_rank
+def rank_of(position: int, tp_rank: int, tp_size: int) -> int:
+    """The rank of TP worker `tp_rank` of the group's `position`-th engine (engines that are not
+    members, e.g. dead ones, take no rank: the group is formed again over the members)."""
+    return 1 + position * tp_size + tp_rank
 
 
-def describe_rank(rank: int, tp_size: int) -> str:
+def describe_rank(rank: int, tp_size: int, engines: list[int] | None = None) -> str:
+    """`engines[position]` is the engine index of each member (default: position = index)."""
     if rank == 0:
         return "rank 0 (trainer)"
-    engine, tp_rank = divmod(rank - 1, tp_size)
+    position, tp_rank = divmod(rank - 1, tp_size)
+    engine = engines[position] if engines is not None and position < len(engines) else position
     return f"rank {rank} (engine {engine}, TP rank {tp_rank})"
 
 
 # ---------------------------------------------------------------------------------------------
-# The wire format. A push's one control message (`Push`) carries no tensor metadata: each bucket
-# travels behind a small header broadcast (its slots, its size, whether it is the last), so the
-# sender packs straight from a lazy iterator (a sharded model gathered tensor by tensor) and the
-# control call reaches the engines before the first tensor exists.
-
-
-@dataclasses.dataclass(frozen=True)
-class Push:
-    version: int
-    bucket_bytes: int
-    verify: bool
-    inflight: str = "wait"  # what each engine does with requests in flight (sync.inflight)
-
-    def to_wire(self) -> dict[str, Any]:
-        """Plain data for RPC layers that do not keep dataclasses (vLLM's collective_rpc)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_wire(cls, data: Push | dict[str, Any]) -> Push:
-        return data if isinstance(data, Push) else cls(**data)
+# The wire format: each bucket travels behind a small header broadcast (its slots, its size, whether
+# it is the last), so the sender packs straight from a lazy iterator (push.Push says why).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +99,28 @@ class Transport:
     rank: int
     world_size: int
     device: torch.device
+    store: Any = None  # the group's rendezvous store (rank 0 owns it)
+
+    def abandoned(self) -> bool:
+        """Rank 0 gave this group up (a push failed), or its store went away with it."""
+        if self.store is None or self.rank == 0:
+            return False
+        try:
+            return bool(self.store.check([ABANDONED_KEY]))
+        except Exception:  # the store's server is gone: so is rank 0's side of the group
+            return True
+
+    def abandon(self) -> None:
+        """Rank 0, after a failed push: every receiver's wait ends within SLICE_SECONDS, and the
+        transport's pending work is aborted. The group is not used again."""
+        try:
+            self.store.set(ABANDONED_KEY, "1")
+        except Exception:
+            pass
+        self.abort()
+
+    def abort(self) -> None:
+        """End the pending collectives of this rank (NCCL: ncclCommAbort); nothing to do for gloo."""
 
     def broadcast(self, tensor: torch.Tensor, after: Any = None) -> Any:
         """Start broadcasting `tensor` from rank 0, after event/handle `after`; returns a handle."""
@@ -139,7 +153,7 @@ class GlooTransport(Transport):
     def __init__(self, store, rank: int, world_size: int, timeout_s: float):
         from torch import distributed as dist
 
-        self.rank, self.world_size, self.device = rank, world_size, torch.device("cpu")
+        self.rank, self.world_size, self.device, self.store = rank, world_size, torch.device("cpu"), store
         self._opts = dist.BroadcastOptions()
         self._opts.rootRank = 0
         self.group = dist.ProcessGroupGloo(dist.PrefixStore("rollfleet/gloo", store), rank, world_size,
@@ -149,11 +163,23 @@ class GlooTransport(Transport):
         return self.group.broadcast([tensor], self._opts)
 
     def ready(self, handle, deadline, what):
-        left = max(deadline - time.monotonic(), 0.001)
-        try:
-            handle.wait(timedelta(seconds=left))
-        except RuntimeError as exc:  # gloo reports timeouts and closed peers as RuntimeError
-            raise SyncError(f"{what}: {exc}") from exc
+        self.finish([handle], deadline, what)
+
+    def finish(self, handles, deadline, what, failed=lambda: None):
+        for handle in handles:
+            while True:  # in slices: a dead peer (`failed`) or a given-up push is noticed within one
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SyncError(f"{what}: not done before the deadline (sync.timeoutSeconds)")
+                try:
+                    handle.wait(timedelta(seconds=min(left, SLICE_SECONDS)))
+                    break
+                except RuntimeError as exc:  # gloo reports timeouts and closed peers as RuntimeError
+                    if "timed out" not in str(exc).lower():
+                        raise SyncError(f"{what}: {exc}") from exc
+                problem = failed() or ("rank 0 gave this push up (it failed elsewhere)" if self.abandoned() else None)
+                if problem:
+                    raise SyncError(f"{what}: {problem}; the sync group is broken and forms again for the next push")
 
 
 class NcclTransport(Transport):
@@ -162,7 +188,7 @@ class NcclTransport(Transport):
     def __init__(self, group, device: torch.device):
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
 
-        self.rank, self.world_size, self.device = group.rank, group.world_size, device
+        self.rank, self.world_size, self.device, self.store = group.rank, group.world_size, device, group.store
         self.comm = PyNcclCommunicator(group, device=device)
         self.stream = torch.cuda.Stream(device=device)
 
@@ -185,13 +211,26 @@ class NcclTransport(Transport):
                 now = time.monotonic()
                 if now > deadline:
                     raise SyncError(f"{what}: NCCL did not complete before the deadline "
-                                    f"(sync.timeoutSeconds); the sync group is broken, restart the fleet")
+                                    f"(sync.timeoutSeconds); the sync group is broken and forms again for the next push")
                 if now - checked > 0.05:
                     checked = now
-                    problem = failed()
+                    problem = failed() or ("rank 0 gave this push up (it failed elsewhere)" if self.abandoned() else None)
                     if problem:
-                        raise SyncError(f"{what}: {problem}; the sync group is broken, restart the fleet")
+                        self.abort()  # the broadcast will never complete: free this rank's stream
+                        raise SyncError(f"{what}: {problem}; the sync group is broken and forms again for the next push")
                 time.sleep(0.0002)
+
+    def abort(self):
+        """ncclCommAbort (vLLM's wrapper lacks it; it is in the same library): the pending broadcast
+        kernels end, so the stream this rank loads weights on is free again."""
+        import ctypes
+
+        if getattr(self, "_aborted", False):
+            return
+        self._aborted = True
+        fn = self.comm.nccl.lib.ncclCommAbort
+        fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p]
+        fn(self.comm.comm)
 
     def fetch(self, handle, tensor, deadline, what):
         if getattr(self, "_host", None) is None or self._host.numel() < tensor.numel():
@@ -206,6 +245,17 @@ class NcclTransport(Transport):
 
 # ---------------------------------------------------------------------------------------------
 # Rendezvous: rank 0 owns a TCPStore on an ephemeral port (picked by the kernel: no race).
+
+
+_RETIRED: list[Transport] = []  # groups given up after a fault, kept alive on purpose (see retire)
+
+
+def retire(transport: Transport | None) -> None:
+    """Keep a given-up group's transport referenced for the life of the process: destroying a gloo
+    group whose peer died blocks in its destructor, which holds the GIL (the whole process would
+    freeze for the group's timeout). It is a few buffers, once per fault."""
+    if transport is not None:
+        _RETIRED.append(transport)
 
 
 def open_store(host: str, world_size: int, timeout_s: float):
@@ -229,7 +279,7 @@ def announce(store, rank: int) -> None:
 
 
 def wait_joined(store, world_size: int, tp_size: int, timeout_s: float,
-                failed: Callable[[], str | None] = lambda: None) -> None:
+                failed: Callable[[], str | None] = lambda: None, engines: list[int] | None = None) -> None:
     """Rank 0 waits until every rank announced itself; the error names the ranks that never joined."""
     deadline = time.monotonic() + timeout_s
     missing = list(range(1, world_size))
@@ -239,7 +289,7 @@ def wait_joined(store, world_size: int, tp_size: int, timeout_s: float,
         if problem:
             raise SyncError(f"sync group rendezvous failed: {problem}")
         if missing and time.monotonic() > deadline:
-            names = ", ".join(describe_rank(r, tp_size) for r in missing)
+            names = ", ".join(describe_rank(r, tp_size, engines) for r in missing)
             raise SyncError(f"sync group rendezvous: {names} never joined within sync.timeoutSeconds="
                             f"{timeout_s:g} s; check that engine's log, or raise sync.timeoutSeconds")
         time.sleep(0.01)
@@ -357,7 +407,7 @@ def send(push: Push, named_tensors: Iterable[tuple[str, torch.Tensor]], transpor
                 copied[i].synchronize()
                 pack_stream.wait_event(sent[i])
             else:
-                transport.finish([heads[i], sent[i]], deadline, f"push v{push.version} bucket {k - 2}")
+                transport.finish([heads[i], sent[i]], deadline, f"push v{push.version} bucket {k - 2}", failed)
             if push.verify:
                 sums[k - 2] = int(sums[k - 2])  # long done: no sync
         first = pending[1].numel() * pending[1].element_size() if pending is not None else 0

@@ -6,9 +6,10 @@ across them, and `job.entrypoint` (`module:function`) called as `function(ctx)` 
 * The default torch.distributed group is created before any user framework initialises and without
   `device_id` (open-instruct #1311: otherwise the second group hangs after step 1), on a TCPStore that
   rank 0 binds to a kernel-picked port, with the same NCCL environment as the engines.
-* Only global rank 0 joins the weight-sync group (`ctx.sender`). `ctx.push(model)` is called by every
-  rank: the parameters are gathered tensor by tensor (FSDP2 `full_tensor()`, DeepSpeed ZeRO-3
-  `GatheredParameters`, or plain tensors) in the same order everywhere, and rank 0 streams them.
+* Only global rank 0 joins the weight-sync group (`ctx.sender`; colocated: every rank hands off to its
+  own engine). `ctx.push(model)` is called by every rank: the parameters are gathered tensor by tensor
+  (FSDP2 `full_tensor()`, DeepSpeed ZeRO-3 `GatheredParameters`, or plain tensors) in the same order
+  everywhere, and rank 0 streams them; a push an engine fault broke is sent again, every rank agreeing.
 * A rank that fails to start, to join or while running is an error naming the rank and its node.
 """
 
@@ -19,9 +20,13 @@ import importlib
 import os
 import time
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from rollfleet.runtime import placement, sync
+from rollfleet.runtime.calls import gather
+from rollfleet.runtime.push import full_tensors, sharded
+from rollfleet.runtime.supervisor import FleetFailed
+from rollfleet.runtime.sync import SyncError
 from rollfleet.spec import FleetSpec, load_spec, runtime_config
 
 BUILTIN = "rollfleet.runtime.trainer:grpo"
@@ -29,29 +34,6 @@ BUILTIN = "rollfleet.runtime.trainer:grpo"
 
 class TrainerError(RuntimeError):
     """A trainer rank failed: the message names the rank and its node."""
-
-
-def full_tensors(model) -> Iterator[tuple[str, Any]]:
-    """HF-named, unsharded tensors of `model`, gathered one at a time. EVERY rank must iterate it to
-    the end, in the same order (the gathers are collectives); only rank 0 needs the values.
-    FSDP2 (`fully_shard`): `DTensor.full_tensor()` per parameter. DeepSpeed ZeRO-3: the parameters of
-    one module at a time under `deepspeed.zero.GatheredParameters`. Anything else: as it is."""
-    seen: set[int] = set()  # a tied weight (lm_head = embed_tokens) goes once, as named_parameters() has it
-    for module_name, module in model.named_modules():
-        params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for _, p in params)
-        if not params:
-            continue
-        prefix = f"{module_name}." if module_name else ""
-        if any(hasattr(p, "ds_id") for _, p in params):  # DeepSpeed ZeRO-3 partitions
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p for _, p in params]):
-                for name, p in params:
-                    yield prefix + name, p.data
-            continue
-        for name, p in params:
-            yield prefix + name, p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach()
 
 
 @dataclasses.dataclass
@@ -66,8 +48,9 @@ class TrainerContext:
     spec: FleetSpec
     fleet: Any  # the Fleet: rollouts(), generate(), health()
     sender: Any = None  # rank 0: the WeightSender; other ranks: None (colocated: every rank, ipc.IpcSender)
-    version: int = 0  # pushes done: the policy version of the weights being trained
+    version: int = 0  # the policy version of the weights being trained (the fleet's newest at the start)
     report: Callable[[dict[str, Any]], None] = print  # rank 0: one row per step, printed by the launcher
+    _pushed: Any = None  # what the last push sent (a lone rank re-sends it to a replaced engine)
 
     @property
     def model_path(self) -> str:
@@ -76,42 +59,105 @@ class TrainerContext:
 
         return tiny.resolve(self.spec.model.name)
 
-    def push(self, model_or_tensors) -> Any:
+    def push(self, model_or_tensors, version: int | None = None) -> Any:
         """Every rank calls it after its optimizer step: the model is gathered tensor by tensor (see
-        `full_tensors`) and rank 0 streams it to every engine; colocated, every rank hands it to the
-        engine on its GPU (ipc.IpcSender). Returns the push's stats where this rank sent, else None."""
+        push.full_tensors) and rank 0 streams it to every engine; colocated, every rank hands it to the
+        engine on its GPU (ipc.IpcSender). If an engine fails during the push, every rank learns it and
+        the push is sent again (the same version) once the fleet has replaced the engine, at most
+        recovery.maxRestarts + 1 times; an iterable of tensors, consumed by the first try, is not.
+        `version`: default one more than the last; `self.version` re-sends the current one.
+        Returns the push's stats where this rank sent, else None."""
         import torch
 
-        stats = None
-        if self.sender is not None:
-            stats = self.sender.push(model_or_tensors)
-        elif isinstance(model_or_tensors, torch.nn.Module):
-            for _ in full_tensors(model_or_tensors):  # take part in every gather
-                pass
-        self.version += 1
+        version = self.version + 1 if version is None else version
+        again = isinstance(model_or_tensors, torch.nn.Module)
+        collective = again and sharded(model_or_tensors)
+        attempts = self.spec.recovery.max_restarts + 1 if again else 1
+        for attempt in range(1, attempts + 1):
+            stats, error = None, None
+            # a sharded model's gathers are collectives: this rank drains what a failed push left of them
+            source = full_tensors(model_or_tensors) if collective else model_or_tensors
+            if self.sender is not None:
+                try:
+                    stats = self.sender.push(source, version=version)
+                except SyncError as exc:
+                    error = exc
+                    for _ in source if collective else ():
+                        pass
+            elif collective:
+                for _ in source:  # take part in every gather
+                    pass
+            failed = self._any(error is not None)
+            if not failed:
+                break
+            if attempt == attempts:
+                raise error or SyncError(f"push v{version}: another rank's push failed {attempts} times")
+            print(f"[rollfleet] trainer rank {self.rank}: push v{version} failed"
+                  + (f" ({error})" if error else " on another rank") + "; sending it again once the fleet settled",
+                  flush=True)
+            roster = self.fleet.settle(self.fleet.timeouts.init.outer)
+            if roster["failed"]:
+                raise FleetFailed(roster["failed"])
+        self.version = version
+        self._pushed = model_or_tensors if again else None
+        if stats is not None and attempt > 1:
+            stats = dataclasses.replace(stats, attempts=attempt)
         return stats
+
+    def _any(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a collective every rank calls in the same order)."""
+        if self.world_size == 1:
+            return flag
+        import torch
+        from torch import distributed as dist
+
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def catch_up(self) -> None:
+        """A lone rank (world size 1) re-sends the weights of the current version to an engine that
+        was replaced after the last push: the rank's requests have no other engine to go to. With more
+        ranks the next push re-admits it (its gathers are collectives the other ranks are not in)."""
+        if self.world_size == 1 and self._pushed is not None and self.sender is not None:
+            print(f"[rollfleet] trainer rank {self.rank}: re-sending v{self.version} to the replaced engine",
+                  flush=True)
+            self.push(self._pushed, version=self.version)
 
     @property
     def engines(self) -> list[int] | None:
         """The engines this rank's rollouts go to: all of them, or (colocated) the one on its GPU, which
         sleeps when this rank trains (another rank's requests would wait there for its next push)."""
-        return [self.rank] if self.spec.colocated else None
+        return self.fleet.layout.engines_of(self.rank)
 
     def rollouts(self):
-        """A rollout client on this rank's engines (`engines`)."""
-        return self.fleet.rollouts(self.engines)
+        """A rollout client on this rank's engines (`engines`; colocated: any serving engine while its
+        own is being replaced)."""
+        return self.fleet.rollouts(self.engines, fallback=self.engines is not None, on_stall=self.catch_up)
 
     def generate(self, prompts, params=None, timeout_s=None):
         """fleet.generate on this rank's engines."""
-        return self.fleet.generate(prompts, params, timeout_s, self.engines)
+        with self.rollouts() as client:
+            from rollfleet.runtime.fleet import _prompt_request
+
+            return client.generate([_prompt_request(p, params) for p in prompts], timeout_s)
 
     def release(self) -> None:
-        """Call before training: in the colocated layout the engine on this rank's GPU drains and sleeps
-        (vLLM sleep level 2) so training gets the memory; the next `push` wakes it. Dedicated: nothing."""
-        if self.spec.colocated:
-            import ray
+        """Call before training, on every rank: in the colocated layout the engine on this rank's GPU
+        drains and sleeps (vLLM sleep level 2) so training gets the memory; the next `push` wakes it.
+        The ranks pass a barrier first, so a rank whose engine is being replaced can still use the
+        others' engines until every rank has its batch. Dedicated: nothing."""
+        if not self.fleet.layout.colocated:
+            return
+        if self.world_size > 1:
+            from torch import distributed as dist
 
-            ray.get(self.fleet.engines[self.rank].sleep.remote(), timeout=self.spec.timeouts.health_seconds + 5)
+            dist.barrier()
+        try:
+            self.fleet.layout.release(self.fleet, self.rank)
+        except Exception as exc:  # it is being replaced: the new incarnation holds no KV to free yet
+            print(f"[rollfleet] trainer rank {self.rank}: engine {self.rank} did not sleep ({exc}); training anyway",
+                  flush=True)
 
 
 class TrainerRank:
@@ -164,9 +210,9 @@ class TrainerRank:
         gpu = self.spec.engine == "vllm"
         device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
         ctx = TrainerContext(self.rank, self.local_rank, self.world_size, ray.util.get_node_ip_address(), device,
-                             self.spec, fleet, report=(lambda row: report.put(row)) if report is not None else print)
-        if self.rank == 0 or self.spec.colocated:
-            ctx.sender = fleet.sender(device, self.rank)
+                             self.spec, fleet, version=fleet.version,
+                             report=(lambda row: report.put(row)) if report is not None else print)
+        ctx.sender = fleet.sender(device, self.rank)
         return fn(ctx)
 
 
@@ -212,8 +258,6 @@ class TrainerGroup:
         """Results of one call per rank (position = rank); the first failure or the deadline is an
         error naming the rank(s) and their node. `timeout_s` None: no deadline (the ranks' own waits
         bound them)."""
-        from rollfleet.runtime.fleet import gather
-
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         within = f"{timeout_s:g} s ({setting})" if timeout_s is not None else setting
         return gather(refs, deadline, f"trainer {what}", within, self._name, TrainerError, TrainerError, tick)
