@@ -167,19 +167,23 @@ class GlooTransport(Transport):
 
     def finish(self, handles, deadline, what, failed=lambda: None):
         for handle in handles:
-            while True:  # in slices: a dead peer (`failed`) or a given-up push is noticed within one
-                left = deadline - time.monotonic()
-                if left <= 0:
+            # polled, never a blocking timed wait: once one of those times out, gloo may hold the next
+            # for the group's whole timeout; a dead peer (`failed`) or a given-up push is seen within a slice
+            next_check = time.monotonic() + SLICE_SECONDS
+            while not handle.is_completed():
+                now = time.monotonic()
+                if now >= deadline:
                     raise SyncError(f"{what}: not done before the deadline (sync.timeoutSeconds)")
-                try:
-                    handle.wait(timedelta(seconds=min(left, SLICE_SECONDS)))
-                    break
-                except RuntimeError as exc:  # gloo reports timeouts and closed peers as RuntimeError
-                    if "timed out" not in str(exc).lower():
-                        raise SyncError(f"{what}: {exc}") from exc
-                problem = failed() or ("rank 0 gave this push up (it failed elsewhere)" if self.abandoned() else None)
-                if problem:
-                    raise SyncError(f"{what}: {problem}; the sync group is broken and forms again for the next push")
+                if now >= next_check:
+                    next_check = now + SLICE_SECONDS
+                    problem = failed() or ("rank 0 gave this push up (it failed elsewhere)" if self.abandoned() else None)
+                    if problem:
+                        raise SyncError(f"{what}: {problem}; the sync group is broken and forms again for the next push")
+                time.sleep(0.002)
+            try:
+                handle.wait()  # completed: returns at once, or raises what went wrong
+            except RuntimeError as exc:  # gloo reports closed peers and its own timeouts as RuntimeError
+                raise SyncError(f"{what}: {exc}") from exc
 
 
 class NcclTransport(Transport):
