@@ -24,6 +24,16 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+@pytest.fixture(scope="module")
+def reference():
+    """The stand-in's reference generator (tests/reference.py): what each weight version gives."""
+    from reference import Reference
+
+    ref = Reference()
+    yield ref
+    ref.close()
+
+
 @pytest.fixture(scope="session")
 def crds() -> Path:
     """The KubeRay v1.7.0 CRDs. In CI (CI=true) their absence fails; elsewhere it skips (run `make crds`)."""

@@ -19,7 +19,7 @@ from rollfleet.runtime.fleet import Fleet
 from rollfleet.runtime.push import PushStats
 from rollfleet.runtime.rollout import Request, RequestsFailed, RolloutError
 
-from reference import Reference, weights
+from reference import weights
 
 pytestmark = pytest.mark.slow
 
@@ -256,13 +256,6 @@ def test_health_answers_while_a_long_generation_is_in_flight(fleet):
 
 
 # ---- every token from the weights its version names ---------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def reference():
-    ref = Reference()
-    yield ref
-    ref.close()
 
 
 def variant(fleet: Fleet, staleness: int) -> Fleet:

@@ -46,13 +46,6 @@ def fleet(ray_local):
     fleet.shutdown()
 
 
-@pytest.fixture(scope="module")
-def reference():
-    ref = Reference()
-    yield ref
-    ref.close()
-
-
 def pid_of(fleet: Fleet, engine: int) -> int:
     return fleet.health()[engine]["pid"]
 

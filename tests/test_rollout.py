@@ -92,7 +92,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused_naming_the_bound():
 def _sample(i, admitted, completed) -> dict:
     versions = [(0, admitted)] if admitted == completed else [(0, admitted), (1, completed)]
     return {"index": i, "token_ids": [i, i], "text": str(i), "logprobs": None, "finish_reason": "length",
-            "versions": versions, "admitted_version": admitted, "completed_version": completed}
+            "versions": versions}
 
 
 def test_a_completion_is_as_old_as_its_oldest_sample():

@@ -65,29 +65,31 @@ def _culprit(position: int, exc: BaseException, pending: list[Any], index: dict[
     """Who to name for a failure: a callee whose process died within DEATH_NOTICE_SECONDS of it, if
     one did (a peer's error in a collective, "connection closed by peer", is only its echo), else the
     callee that failed."""
-    import ray
-
-    if actor_died(exc) or not pending:
-        return position, exc
-    done, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_NOTICE_SECONDS)
-    for f in done:
-        try:
-            ray.get(f)
-        except Exception as other:
+    if not actor_died(exc):
+        for i, other in failures(pending, DEATH_NOTICE_SECONDS):
             if actor_died(other):
-                return index[f], other
+                return index[pending[i]], other
     return position, exc
 
 
-def first_failure(futures: list[Any], name: Callable[[int], str] = "engine {}".format) -> str | None:
-    """'<callee>: <cause>' of the first of `futures` that already failed, else None (never waits)."""
+def failures(futures: list[Any], timeout_s: float = 0.0) -> list[tuple[int, BaseException]]:
+    """(position, error) of each of `futures` that failed within `timeout_s` (0: already), in order."""
     import ray
 
-    done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=0)
+    if not futures:
+        return []
+    done, _ = ray.wait(list(futures), num_returns=len(futures), timeout=timeout_s)
+    out = []
     for i, f in enumerate(futures):
         if f in done:
             try:
                 ray.get(f)
             except Exception as exc:
-                return f"{name(i)}: {describe(exc)}"
-    return None
+                out.append((i, exc))
+    return out
+
+
+def first_failure(futures: list[Any], name: Callable[[int], str] = "engine {}".format) -> str | None:
+    """'<callee>: <cause>' of the first of `futures` that already failed, else None (never waits)."""
+    found = failures(futures)
+    return f"{name(found[0][0])}: {describe(found[0][1])}" if found else None

@@ -39,7 +39,9 @@ def save(ctx, model, optimizer, meta: dict[str, Any]) -> Path:
     if dist.is_initialized():
         dist.barrier()  # every rank's shards are written
     if ctx.rank == 0:
-        (target / META).write_text(json.dumps(meta))
+        partial = target / f"{META}.partial"
+        partial.write_text(json.dumps(meta))
+        partial.replace(target / META)  # atomic: a crash mid-write never leaves a meta.json to resume from
         for old in _dirs(Path(spec.path))[:-spec.keep]:
             shutil.rmtree(old, ignore_errors=True)
     return target

@@ -216,8 +216,7 @@ class SampleState:
 
     def wire(self, logprobs: bool) -> dict[str, Any]:
         return {"index": self.index, "token_ids": self.tokens, "text": self.text, "finish_reason": self.finish_reason,
-                "logprobs": self.logprobs if logprobs else None, "versions": [tuple(r) for r in self.runs],
-                "admitted_version": self.runs[0][1], "completed_version": self.runs[-1][1]}
+                "logprobs": self.logprobs if logprobs else None, "versions": [tuple(r) for r in self.runs]}
 
 
 @dataclasses.dataclass(eq=False)

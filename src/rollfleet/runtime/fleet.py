@@ -21,22 +21,12 @@ from typing import Any, Callable, Iterable
 from rollfleet.runtime import tiny
 from rollfleet.runtime.calls import describe, gather
 from rollfleet.runtime.layout import layout_of
-from rollfleet.runtime.rollout import Completion, Request, Rollouts
+from rollfleet.runtime.rollout import Completion, Rollouts, as_request
 from rollfleet.runtime.supervisor import FleetFailed, Roster, Supervisor
 from rollfleet.runtime.timeouts import Timeouts
 from rollfleet.spec import FleetSpec, load_spec, runtime_config
 
 HEALTH_PROBE_SECONDS = 5.0  # after a failed push: an engine that does not answer health in this long froze
-
-
-def _prompt_request(prompt: Any, params: dict[str, Any] | None) -> Request:
-    if isinstance(prompt, Request):
-        return prompt
-    if isinstance(prompt, str):
-        return Request(prompt=prompt, params=params)
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        return Request(messages=prompt, params=params)
-    return Request(prompt_token_ids=list(prompt), params=params)
 
 
 class Fleet:
@@ -150,7 +140,7 @@ class Fleet:
         """Blocking: one Completion per prompt, in order. A prompt is text, token ids, chat messages
         or a Request; `params` are the sampling params of the non-Request ones."""
         with self.rollouts(engines, fallback=engines is not None) as client:
-            return client.generate([_prompt_request(p, params) for p in prompts], timeout_s)
+            return client.generate([as_request(p, params) for p in prompts], timeout_s)
 
     def sender(self, device: Any = None, rank: int = 0) -> Any:
         """Call inside trainer rank 0: forms the sync group with every engine worker. Colocated: every

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rollfleet.runtime.calls import actor_died, describe
+from rollfleet.runtime.supervisor import SERVING
 
 POLL_SECONDS = 1.0  # an engine answers a poll at once when results are ready, else after this
 ROSTER_SECONDS = 0.5  # how old the client's view of the engines' states may get while it waits
@@ -179,6 +180,17 @@ class Request:
                 "indices": list(range(params["n"]))}
 
 
+def as_request(prompt: Any, params: dict[str, Any] | None) -> Request:
+    """A Request from text, token ids or chat messages with `params` (a Request stays as it is)."""
+    if isinstance(prompt, Request):
+        return prompt
+    if isinstance(prompt, str):
+        return Request(prompt=prompt, params=params)
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        return Request(messages=prompt, params=params)
+    return Request(prompt_token_ids=list(prompt), params=params)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sample:
     index: int  # 0..n-1 within its request
@@ -189,8 +201,16 @@ class Sample:
     prompt_tokens: int
     engine: int
     versions: tuple[tuple[int, int], ...]  # (first token, weight version) of each stretch, in order
-    admitted_version: int  # the version of the sample's first token
-    completed_version: int  # ... of its last; differs only under sync.inflight: keep
+
+    @property
+    def admitted_version(self) -> int:
+        """The version of the sample's first token."""
+        return self.versions[0][1]
+
+    @property
+    def completed_version(self) -> int:
+        """The version of its last token; differs from admitted_version only under sync.inflight: keep."""
+        return self.versions[-1][1]
 
     @property
     def spans_update(self) -> bool:
@@ -225,8 +245,7 @@ class Completion:
 def completion(item: dict[str, Any], tag: Any) -> Completion:
     prompt_tokens = len(item["prompt_token_ids"])
     samples = tuple(Sample(s["index"], s["token_ids"], s["text"], s["logprobs"], s["finish_reason"], prompt_tokens,
-                           item["engine"], tuple(tuple(v) for v in s["versions"]), s["admitted_version"],
-                           s["completed_version"])
+                           item["engine"], tuple(tuple(v) for v in s["versions"]))
                     for s in sorted(item["samples"], key=lambda s: s["index"]))
     return Completion(item["id"], tag, item["prompt_token_ids"], samples, item["engine"])
 
@@ -311,9 +330,9 @@ class Rollouts:
 
     def _serving(self) -> list[int]:
         states = self._roster["engines"]
-        ok = [i for i in self.preferred if states[i]["state"] in ("healthy", "suspect")]
+        ok = [i for i in self.preferred if states[i]["state"] in SERVING]
         if not ok and self.fallback:
-            ok = [s["index"] for s in states if s["state"] in ("healthy", "suspect")]
+            ok = [s["index"] for s in states if s["state"] in SERVING]
         return ok
 
     def _move(self, rid: str, why: str) -> None:

@@ -14,7 +14,7 @@ import time
 from typing import Any, Iterable
 
 from rollfleet.runtime import sync
-from rollfleet.runtime.calls import actor_died, first_failure, gather
+from rollfleet.runtime.calls import actor_died, failures, first_failure, gather
 from rollfleet.runtime.push import Push, PushStats, weights_of
 from rollfleet.runtime.supervisor import MEMBERS, FleetFailed
 
@@ -117,16 +117,9 @@ class WeightSender:
 
     def _report_dead(self, refs: list[Any], indices: list[int], members) -> None:
         """Tell the supervisor of members whose call failed because their process is gone."""
-        import ray
-
-        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
-        for position, ref in enumerate(refs):
-            if ref in done:
-                try:
-                    ray.get(ref)
-                except Exception as exc:
-                    if actor_died(exc):
-                        self.fleet.report(indices[position], members[position][1], f"died in the sync group ({exc})")
+        for position, exc in failures(refs):
+            if actor_died(exc):
+                self.fleet.report(indices[position], members[position][1], f"died in the sync group ({exc})")
 
     # ---- a push ---------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from rollfleet.runtime import placement, sync
 from rollfleet.runtime.calls import gather
 from rollfleet.runtime.push import full_tensors, sharded
+from rollfleet.runtime.rollout import as_request
 from rollfleet.runtime.supervisor import FleetFailed
 from rollfleet.runtime.sync import SyncError
 from rollfleet.spec import FleetSpec, load_spec, runtime_config
@@ -138,9 +139,7 @@ class TrainerContext:
     def generate(self, prompts, params=None, timeout_s=None):
         """fleet.generate on this rank's engines."""
         with self.rollouts() as client:
-            from rollfleet.runtime.fleet import _prompt_request
-
-            return client.generate([_prompt_request(p, params) for p in prompts], timeout_s)
+            return client.generate([as_request(p, params) for p in prompts], timeout_s)
 
     def release(self) -> None:
         """Call before training, on every rank: in the colocated layout the engine on this rank's GPU
