@@ -34,7 +34,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed ## create .venv with rollfleet, the CPU runtime and the test tools
 
 test: venv ## run the test suite (CPU; GPU tests skip without CUDA; the image stand-in build is `make test-image`)
-	$(BIN)/python -m pytest -q -m "not image_build and not e2e"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not image_build and not e2e"
 
 test-e2e: venv ## the end-to-end proofs: 20-step demos that learn, survive a killed engine and resume from a checkpoint (~7 min)
 	$(BIN)/python -m pytest -q -m e2e

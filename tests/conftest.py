@@ -24,6 +24,15 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs on 2 xdist workers with --dist loadgroup: every `slow` test (each starts a local
+    Ray) goes to one worker, one after another, so two Rays never compete; the rest share both."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="module")
 def reference():
     """The stand-in's reference generator (tests/reference.py): what each weight version gives."""
@@ -32,6 +41,17 @@ def reference():
     ref = Reference()
     yield ref
     ref.close()
+
+
+@pytest.fixture(scope="session")
+def loop_runs(tmp_path_factory):
+    """The shared runs of the training loop (tests/loop_runs.py), with the Prometheus that scraped them."""
+    import loop_runs as runs
+
+    out = runs.run_all(tmp_path_factory.mktemp("loop-runs"))
+    yield out
+    if out["prometheus"] is not None and not isinstance(out["prometheus"], BaseException):
+        out["prometheus"].stop()
 
 
 @pytest.fixture(scope="session")

@@ -387,7 +387,8 @@ def test_engine_actor_start_failure_for_a_missing_model(tmp_path):
 
 def test_vllm_core_builds_the_engine_arguments_from_the_spec(monkeypatch):
     """VllmCore.start's AsyncEngineArgs, with vLLM's two entry points stood in (no vLLM on CPU): what
-    the spec sets, extraEngineArgs on top (disable_log_stats is only a default), sleep mode colocated only."""
+    the spec sets, extraEngineArgs on top (disable_log_stats is only a default), sleep mode colocated only;
+    vLLM's Ray stat logger unless extraEngineArgs turns the stats off."""
     import asyncio
     import sys
     import types
@@ -399,29 +400,36 @@ def test_vllm_core_builds_the_engine_arguments_from_the_spec(monkeypatch):
     class Args:
         def __init__(self, **kwargs):
             made.update(kwargs)
+            self.__dict__.update(kwargs)
+
+    class Logger:
+        pass
 
     class Llm:
         model_config = types.SimpleNamespace(max_model_len=4096, get_vocab_size=lambda: 1024)
 
         @classmethod
-        def from_engine_args(cls, args):
+        def from_engine_args(cls, args, stat_loggers=None):
+            made["stat_loggers"] = stat_loggers
             return cls()
 
     model = str(tiny.ensure())
-    spec = load_spec({"vllm": {"tensorParallelSize": 2, "extraEngineArgs": {"disable_log_stats": False,
+    spec = load_spec({"vllm": {"tensorParallelSize": 2, "extraEngineArgs": {"disable_log_stats": True,
                                                                           "kv_cache_dtype": "fp8"}},
                       "pools": {"inference": {"gpusPerNode": 2}}})
     colocated = load_spec({**runtime_config(demo.local_spec([], colocated=True)), "engine": "vllm"})
     for name, attrs in {"vllm": {}, "vllm.engine": {}, "vllm.engine.arg_utils": {"AsyncEngineArgs": Args},
-                        "vllm.v1": {}, "vllm.v1.engine": {}, "vllm.v1.engine.async_llm": {"AsyncLLM": Llm}}.items():
+                        "vllm.v1": {}, "vllm.v1.engine": {}, "vllm.v1.engine.async_llm": {"AsyncLLM": Llm},
+                        "vllm.v1.metrics": {}, "vllm.v1.metrics.ray_wrappers": {"RayPrometheusStatLogger": Logger}}.items():
         monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
     asyncio.run(VllmCore(spec, model).start())
     assert made["model"] == model and made["tensor_parallel_size"] == 2
     assert made["distributed_executor_backend"] == "mp" and made["worker_extension_cls"] == EXTENSION
     assert made["gpu_memory_utilization"] == 0.9 and made["enable_prefix_caching"] is True
-    assert made["disable_log_stats"] is False and made["kv_cache_dtype"] == "fp8"
+    assert made["disable_log_stats"] is True and made["stat_loggers"] is None and made["kv_cache_dtype"] == "fp8"
     assert made["enable_sleep_mode"] is False
     made.clear()
     asyncio.run(VllmCore(colocated, model).start())
-    assert made["enable_sleep_mode"] is True and made["disable_log_stats"] is True
+    assert made["enable_sleep_mode"] is True
+    assert made["disable_log_stats"] is False and made["stat_loggers"] == [Logger]  # vLLM's metrics through Ray
     assert made["distributed_executor_backend"] == "uni"

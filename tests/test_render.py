@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from rollfleet import render
 from rollfleet.render import CONFIG_PATH, render_objects, to_yaml
-from rollfleet.spec import DEFAULT_ENV, FleetSpec, load_spec
+from rollfleet.spec import DEFAULT_ENV, PORTS, FleetSpec, load_spec
 from rollfleet.validate import validate_objects
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
@@ -137,7 +137,15 @@ def test_group_level_ray_resources_pin_trainer_and_inference():
     g = groups({"pools": {"trainer": {"gpusPerNode": 2}, "inference": {"gpusPerNode": 8}}})
     assert g["trainer"]["resources"] == {"trainer": "2"}
     assert g["inference"]["resources"] == {"inference": "8"}
-    assert g["trainer"]["rayStartParams"] == g["inference"]["rayStartParams"] == {}
+    # the resources above are the group's, never `num-gpus`-style start params; the metrics port is explicit
+    assert g["trainer"]["rayStartParams"] == g["inference"]["rayStartParams"] == {"metrics-export-port": "8080"}
+
+
+def test_every_ray_node_exports_its_metrics_on_kuberays_metrics_port():
+    cluster = next(o for o in render_objects(load_spec({"job": {"enabled": False}})) if o["kind"] == "RayCluster")
+    head = cluster["spec"]["headGroupSpec"]["rayStartParams"]
+    assert head["metrics-export-port"] == "8080" == str(PORTS["metrics"])
+    assert all(g["rayStartParams"]["metrics-export-port"] == "8080" for g in cluster["spec"]["workerGroupSpecs"])
 
 
 def test_gpu_product_selects_nodes():

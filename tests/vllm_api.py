@@ -140,7 +140,9 @@ USES: tuple[Use, ...] = (
     Use(CALL, "vllm.engine.arg_utils", "AsyncEngineArgs", ("*", *ENGINE_ARGS[:-1])),
     *(Use(FIELD, "vllm.engine.arg_utils", f"EngineArgs.{name}") for name in ENGINE_ARGS),
     Use(EXPORT, _ASYNC, "AsyncLLM"),
-    Use(STATIC, _ASYNC, "AsyncLLM.from_engine_args", ("engine_args",)),
+    Use(STATIC, _ASYNC, "AsyncLLM.from_engine_args", ("engine_args", "start_engine_loop", "usage_context",
+                                                        "stat_loggers")),
+    Use(EXPORT, "vllm.v1.metrics.ray_wrappers", "RayPrometheusStatLogger"),  # vLLM's metrics via ray.util.metrics
     Use(CALL, _ASYNC, "AsyncLLM.generate", ("prompt", "sampling_params", "request_id")),
     Use(CALL, _ASYNC, "AsyncLLM.collective_rpc", ("method", "*", "timeout", "args")),
     Use(CALL, _ASYNC, "AsyncLLM.reset_prefix_cache", ("*", "reset_running_requests")),

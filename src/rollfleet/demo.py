@@ -30,16 +30,17 @@ def local_spec(sets: list[str] = (), colocated: bool = False):
         return load_values(path, list(sets))
 
 
-def start_local_ray(spec, extra_cpus: int = 2, runtime_env: dict | None = None):
-    """A local Ray whose custom resources mirror the pools: `trainer` and `inference` slots."""
+def start_local_ray(spec, extra_cpus: int = 2, runtime_env: dict | None = None, runs: int = 1):
+    """A local Ray whose custom resources mirror the pools: `trainer` and `inference` slots, room for
+    `runs` fleets of `spec` at once."""
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     import ray
 
     # address="local": always a new local Ray, never one found via `ray start` or RAY_ADDRESS
     ranks = spec.trainer_pool.gpus
-    ray.init(address="local", num_cpus=spec.engines + ranks + extra_cpus, num_gpus=0,
-             resources={"trainer": ranks, "inference": spec.inference_pool.gpus},
+    ray.init(address="local", num_cpus=runs * (spec.engines + ranks) + extra_cpus, num_gpus=0,
+             resources={"trainer": runs * ranks, "inference": runs * spec.inference_pool.gpus},
              include_dashboard=False, logging_level="ERROR", log_to_driver=True, runtime_env=runtime_env)
     return ray
 

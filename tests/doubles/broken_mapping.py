@@ -1,5 +1,6 @@
-"""A TEST DOUBLE of a broken weight mapping on the CPU stand-in engines, installed in every Ray worker
-by `worker_process_setup_hook` (tests/test_learning.py); the trainer ranks are untouched.
+"""A TEST DOUBLE of a broken weight mapping on the CPU stand-in engines, installed at start in every
+process of a run whose spec's `env` sets one of the variables below (sitecustomize.py here; tests/
+test_learning.py); what the trainer ranks send is untouched.
 ROLLFLEET_TEST_SWAP=a,b loads pushed tensors a and b under each other's names (a wrong name map);
 ROLLFLEET_TEST_SHIFT=name loads that tensor's rows one place off (a vocabulary off-by-one)."""
 

@@ -113,7 +113,8 @@ limits: {{ toJson $limits }}
   numOfHosts: 1
   # KubeRay's CRD defaults it inside workerGroupSpecs, a list applied whole: rendered, so a re-apply is a no-op
   priority: 0
-  rayStartParams: {}
+  rayStartParams:
+    metrics-export-port: "8080"  {{- /* Ray's metrics endpoint (docs/monitoring.md), KubeRay's `metrics` port */}}
   # Ray custom resources: actors pin to a pool with {"trainer": n} / {"inference": n}
   resources:
     {{- range $r := ternary (list "trainer" "inference") (list $group) (eq $group "colocated") }}
@@ -178,6 +179,7 @@ headGroupSpec:
   rayStartParams:
     num-gpus: "0"
     dashboard-host: "0.0.0.0"
+    metrics-export-port: "8080"
   template:
     metadata:
       labels:

@@ -41,7 +41,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from rollfleet.runtime import sync
+from rollfleet.runtime import metrics, sync
 from rollfleet.runtime.calls import EngineStartError, describe
 from rollfleet.runtime.push import Push
 from rollfleet.runtime.timeouts import Timeouts
@@ -80,6 +80,7 @@ class VllmCore:
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         spec, v = self.spec, self.spec.vllm
         tp = v.tensor_parallel_size
@@ -94,8 +95,10 @@ class VllmCore:
             worker_extension_cls=EXTENSION,
             enable_sleep_mode=spec.colocated,  # the engine sleeps while the trainer trains on its GPU
             **{k: x for k, x in optional.items() if x is not None},
-            **{"disable_log_stats": True, **v.extra_engine_args})  # stats: a default extraEngineArgs may change
-        self.llm = AsyncLLM.from_engine_args(args)
+            **{"disable_log_stats": False, **v.extra_engine_args})  # extraEngineArgs may turn the stats off
+        # vLLM's metrics through Ray's metrics API, on the node's metrics port as ray_vllm_* (docs/monitoring.md)
+        loggers = None if args.disable_log_stats else [RayPrometheusStatLogger]
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=loggers)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model, revision=spec.model.revision)
         self.max_model_len = self.llm.model_config.max_model_len
         self.vocab_size = self.llm.model_config.get_vocab_size()
@@ -273,6 +276,16 @@ class Scheduler:
         self.last_push: dict[str, Any] | None = None
         self.asleep = False
         self._ipc_started = 0.0
+        self.tags = {"fleet": spec.name, "engine": index}  # its metrics' labels (metrics.py)
+        metrics.set("rollfleet_weight_version", 0, **self.tags)
+        for name in ("rollfleet_requests_received", "rollfleet_requests_completed", "rollfleet_requests_failed",
+                     "rollfleet_tokens_generated"):
+            metrics.zero(name, **self.tags)
+
+    def _count(self) -> None:
+        """The request gauges: generating now, and waiting for admission or for the end of a push."""
+        metrics.set("rollfleet_requests_in_flight", len(self.running), **self.tags)
+        metrics.set("rollfleet_requests_queued", len(self.queue) + len(self.parked), **self.tags)
 
     def enter(self, phase: str) -> None:
         self.phase, self.since = phase, time.time()
@@ -298,7 +311,9 @@ class Scheduler:
                 self.deliver(g.client, {"id": g.id, "retry": self.dead})
             else:
                 self.queue.append(g)
+                metrics.inc("rollfleet_requests_received", **self.tags)
         self.admit()
+        self._count()
 
     def admit(self) -> None:
         while self.admitting and self.queue and not (self.stale or self.dead):
@@ -312,6 +327,7 @@ class Scheduler:
         self.running.pop(g.id, None)
         if not self.running:
             self.idle.set()
+        self._count()
 
     async def generate(self, g: Group) -> None:
         version = self.version  # constant while g runs: every push waits for or interrupts it first
@@ -319,6 +335,7 @@ class Scheduler:
         def done(i: int, out: dict[str, Any]) -> None:
             g.samples[i].add(out, version)
             self.counts["completed" if out["finish_reason"] != "abort" else "interrupted"] += 1
+            metrics.inc("rollfleet_tokens_generated", len(out["token_ids"]), **self.tags)
 
         try:
             await self.core.generate(g.key, g.jobs(), f"rollfleet-v{version}", done)
@@ -330,6 +347,7 @@ class Scheduler:
                 self.die(self.core.failure())
                 return
             self.deliver(g.client, {"id": g.id, "error": f"{type(exc).__name__}: {exc}"})
+            metrics.inc("rollfleet_requests_failed", **self.tags)
             return
         finally:
             g.attempt += 1
@@ -338,6 +356,7 @@ class Scheduler:
             self.parked.append(g)
         else:
             self.deliver(g.client, g.result())
+            metrics.inc("rollfleet_requests_completed", **self.tags)
 
     async def cancel(self, client: str) -> None:
         self.queue = deque(g for g in self.queue if g.client != client)
@@ -363,6 +382,7 @@ class Scheduler:
         self.queue.clear()
         self.parked.clear()
         self.idle.set()
+        self._count()
 
     # ---- pause and resume (the loop): what a push and a sleep share -----------------------------
 
@@ -393,12 +413,14 @@ class Scheduler:
         """The new weights are in and the prefix cache is reset: stamp the version, admit again, the
         interrupted requests first (in admission order)."""
         self.version = version
+        metrics.set("rollfleet_weight_version", version, **self.tags)
         self.stale = None
         self.queue.extendleft(reversed(self.parked))
         self.parked = []
         self.admitting = True
         self.enter("ready")
         self.admit()
+        self._count()
 
     def _check(self) -> None:
         if self.dead:
@@ -443,6 +465,7 @@ class Scheduler:
             "engine": self.index, "version": push.version, **pause, "checksums": [w["checksums"] for w in workers],
             "worker_seconds": max(w["seconds"] for w in workers), "receive_reset_seconds": t_received - t_ready,
             "paused_seconds": time.perf_counter() - t0}
+        metrics.observe("rollfleet_pause_seconds", self.last_push["paused_seconds"], **self.tags)
         return self.last_push
 
     # ---- the colocated layout (the loop) ------------------------------------------------------
@@ -484,6 +507,7 @@ class Scheduler:
                 ack.update(version=msg["version"], **self._ipc_pause, wake_reset_seconds=time.perf_counter() - t1,
                            paused_seconds=time.perf_counter() - self._ipc_started)
                 self.last_push = ack
+                metrics.observe("rollfleet_pause_seconds", ack["paused_seconds"], **self.tags)
             return ack
         except BaseException as exc:
             self._push_failed(msg["version"], exc)

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rollfleet.runtime import metrics
 from rollfleet.runtime.calls import actor_died, describe
 from rollfleet.runtime.supervisor import SERVING
 
@@ -290,6 +291,7 @@ class Rollouts:
         self._stalled_epoch: int | None = None
         self.stats = {"submitted": 0, "completed": 0, "failed": 0, "resent": 0, "stale_resubmitted": 0,
                       "max_staleness": 0}
+        metrics.zero("rollfleet_requests_resent", fleet=self.spec.name)
 
     # ---- accounting ---------------------------------------------------------------------------
 
@@ -349,6 +351,7 @@ class Rollouts:
             self.stats["failed"] += 1
         else:
             self.stats["resent"] += 1
+            metrics.inc("rollfleet_requests_resent", fleet=self.spec.name)
         self._lock.notify_all()
 
     def _route(self) -> None:
@@ -590,6 +593,7 @@ class Rollouts:
                     self.submit([request], timeout_s)
                     continue
                 self.stats["max_staleness"] = max(self.stats["max_staleness"], staleness)
+                metrics.observe("rollfleet_sample_staleness", staleness, fleet=self.spec.name)
                 out.append(c)
         except BaseException:
             self._held = out

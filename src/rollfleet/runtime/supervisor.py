@@ -22,6 +22,7 @@ import time
 from collections import deque
 from typing import Any
 
+from rollfleet.runtime import metrics
 from rollfleet.runtime.calls import EngineStartError, actor_died, describe
 from rollfleet.runtime.timeouts import Timeouts
 from rollfleet.spec import FleetSpec, load_spec
@@ -72,6 +73,8 @@ class Supervisor:
         self.stopped = threading.Event()
         self.infos: dict[int, dict[str, Any]] = {}
         self._thread: threading.Thread | None = None
+        for slot in self.slots:
+            metrics.zero("rollfleet_engine_restarts", fleet=self.spec.name, engine=slot.index)
 
     # ---- states ---------------------------------------------------------------------------------
 
@@ -81,6 +84,9 @@ class Supervisor:
             self.epoch += 1
             self.events.append({"t": time.time(), "engine": slot.index, "state": state, "what": what, **extra})
             self.changed.notify_all()
+        metrics.engine_state(self.spec.name, slot.index, state)
+        if state == "restarting" and slot.failures:
+            metrics.inc("rollfleet_engine_restarts", fleet=self.spec.name, engine=slot.index)
         print(f"[rollfleet] engine {slot.index}: {state}: {what}", flush=True)
 
     def _dead(self, slot: Slot, reason: str, alive: bool = True) -> None:

@@ -22,7 +22,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable
 
-from rollfleet.runtime import placement, sync
+from rollfleet.runtime import metrics, placement, sync
 from rollfleet.runtime.calls import gather
 from rollfleet.runtime.push import full_tensors, sharded
 from rollfleet.runtime.rollout import as_request
@@ -103,6 +103,9 @@ class TrainerContext:
         self._pushed = model_or_tensors if again else None
         if stats is not None and attempt > 1:
             stats = dataclasses.replace(stats, attempts=attempt)
+        if stats is not None:
+            metrics.observe("rollfleet_push_seconds", stats.seconds, fleet=self.spec.name)
+            metrics.observe("rollfleet_push_bytes", stats.bytes, fleet=self.spec.name)
         return stats
 
     def _any(self, flag: bool) -> bool:
@@ -208,9 +211,17 @@ class TrainerRank:
         fn = getattr(importlib.import_module(module), func)
         gpu = self.spec.engine == "vllm"
         device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+        clock = metrics.StepClock(self.spec.name)
+
+        def on_row(row: dict[str, Any]) -> None:
+            clock.row(row)
+            if report is not None:
+                report.put(row)
+            else:
+                print(row, flush=True)
+
         ctx = TrainerContext(self.rank, self.local_rank, self.world_size, ray.util.get_node_ip_address(), device,
-                             self.spec, fleet, version=fleet.version,
-                             report=(lambda row: report.put(row)) if report is not None else print)
+                             self.spec, fleet, version=fleet.version, report=on_row)
         ctx.sender = fleet.sender(device, self.rank)
         return fn(ctx)
 
