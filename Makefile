@@ -7,18 +7,24 @@ BIN := $(VENV)/bin
 VALUES ?= manifests/examples/one-node-8gpu.yaml
 CRDS_DIR ?= $(if $(wildcard ../shared/kuberay-v1.7.0/crds),../shared/kuberay-v1.7.0/crds,.cache/kuberay-v1.7.0/crds)
 KUBERAY_VERSION := v1.7.0
+# The Prometheus Operator's CRDs (PodMonitor, PrometheusRule): its module zip from the Go module proxy,
+# pinned by sha256 (the same bytes the Go checksum database records for this version).
+PROMETHEUS_OPERATOR_VERSION := v0.92.1
+PROMETHEUS_OPERATOR_ZIP_SHA256 := f46d2f85f2098e623d536b2e8e19bbba56564deabfb83cdca80786606936c8af
+MONITORING_CRDS_DIR := .cache/prometheus-operator-$(PROMETHEUS_OPERATOR_VERSION)/crds
 export UV_PYTHON_DOWNLOADS := never
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export ROLLFLEET_CRDS_DIR := $(abspath $(CRDS_DIR))
+export ROLLFLEET_MONITORING_CRDS_DIR := $(abspath $(MONITORING_CRDS_DIR))
 # A machine whose pip config names a find-links folder holding a torch wheel (a CPU build on disk)
 # installs that wheel; elsewhere torch comes from PyPI.
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 LOCAL_TORCH := $(firstword $(foreach d,$(FIND_LINKS),$(wildcard $(d)/torch-*.whl)))
 
-.PHONY: help venv test test-e2e test-image demo render manifests schema crds lint lock images deploy diff status down kind-smoke clean
+.PHONY: help venv test test-e2e test-image demo render manifests schema crds monitoring-crds lint lock images deploy diff status down kind-smoke clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,7 +39,7 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed ## create .venv with rollfleet, the CPU runtime and the test tools
 
-test: venv ## run the test suite (CPU; GPU tests skip without CUDA; the image stand-in build is `make test-image`)
+test: venv monitoring-crds ## run the test suite (CPU; GPU tests skip without CUDA; the image stand-in build is `make test-image`)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not image_build and not e2e"
 
 test-e2e: venv ## the end-to-end proofs: 20-step demos that learn, survive a killed engine and resume from a checkpoint (~7 min)
@@ -55,10 +61,25 @@ manifests: venv ## regenerate the golden renders of every example (manifests/ren
 schema: venv ## regenerate charts/rollfleet/values.schema.json from the spec model
 	$(BIN)/rollfleet schema > charts/rollfleet/values.schema.json
 
-crds: ## download the KubeRay v1.7.0 CRDs into .cache/ (CI reads ../shared instead)
+crds: monitoring-crds ## download the KubeRay v1.7.0 CRDs into .cache/ (CI reads ../shared instead), and the monitoring ones
 	mkdir -p .cache/kuberay-$(KUBERAY_VERSION)/crds
-	for k in rayclusters rayjobs; do curl -fsSL -o .cache/kuberay-$(KUBERAY_VERSION)/crds/ray.io_$$k.yaml \
-	  https://raw.githubusercontent.com/ray-project/kuberay/$(KUBERAY_VERSION)/ray-operator/config/crd/bases/ray.io_$$k.yaml; done
+	for k in rayclusters rayjobs; do f=.cache/kuberay-$(KUBERAY_VERSION)/crds/ray.io_$$k.yaml; \
+	  u=https://raw.githubusercontent.com/ray-project/kuberay/$(KUBERAY_VERSION)/ray-operator/config/crd/bases/ray.io_$$k.yaml; \
+	  curl -fsSL -o $$f.part $$u && mv $$f.part $$f || { rm -f $$f.part; rmdir .cache/kuberay-$(KUBERAY_VERSION)/crds 2>/dev/null; \
+	  echo "error: could not download $$u; fetch it where you can into .cache/kuberay-$(KUBERAY_VERSION)/crds/ (or point ROLLFLEET_CRDS_DIR at a copy)" >&2; exit 1; }; done
+
+monitoring-crds: $(MONITORING_CRDS_DIR)/monitoring.coreos.com_prometheusrules.yaml ## the Prometheus Operator's PodMonitor and PrometheusRule CRDs into .cache/
+
+$(MONITORING_CRDS_DIR)/monitoring.coreos.com_prometheusrules.yaml:
+	@d=$(MONITORING_CRDS_DIR); zip=$$d/../module.zip; \
+	url=https://proxy.golang.org/github.com/prometheus-operator/prometheus-operator/@v/$(PROMETHEUS_OPERATOR_VERSION).zip; \
+	mkdir -p $$d && echo "fetching the Prometheus Operator $(PROMETHEUS_OPERATOR_VERSION) CRDs from $$url" && \
+	curl -fsSL -o $$zip $$url && echo "$(PROMETHEUS_OPERATOR_ZIP_SHA256)  $$zip" | sha256sum -c --quiet && \
+	$(PYTHON) -c 'import sys, zipfile, pathlib; z = zipfile.ZipFile(sys.argv[1]); [pathlib.Path(sys.argv[2], k + ".yaml").write_bytes(z.read(sys.argv[3] + k + ".yaml")) for k in ("monitoring.coreos.com_podmonitors", "monitoring.coreos.com_prometheusrules")]' \
+	  $$zip $$d github.com/prometheus-operator/prometheus-operator@$(PROMETHEUS_OPERATOR_VERSION)/example/prometheus-operator-crd/ \
+	  && rm -f $$zip || { rm -rf "$$(dirname $$d)"; echo "error: could not fetch or check $$url; fetch it where you can, take \
+	example/prometheus-operator-crd/monitoring.coreos.com_{podmonitors,prometheusrules}.yaml from it into a directory \
+	and set ROLLFLEET_MONITORING_CRDS_DIR to it" >&2; exit 1; }
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .hypothesis
@@ -72,7 +93,7 @@ diff: venv ## what `make deploy` would change on the current kube context (serve
 status: venv ## VALUES' fleet on the cluster: objects, pools ready, problems
 	$(BIN)/rollfleet status -f $(VALUES)
 
-down: venv ## delete VALUES' fleet: only its RayJob/RayCluster/ConfigMap/NetworkPolicy labelled managed-by=rollfleet
+down: venv ## delete VALUES' fleet: only its RayJob/RayCluster/ConfigMap/NetworkPolicy/PodMonitor/PrometheusRule labelled managed-by=rollfleet
 	$(BIN)/rollfleet down -f $(VALUES)
 
 kind-smoke: venv ## GPU host with docker + NVIDIA toolkit, >= 2 GPUs: nvkind, KubeRay, chart, RayJob (DRY_RUN=1 prints)

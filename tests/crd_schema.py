@@ -21,13 +21,16 @@ from typing import Any
 
 import yaml
 
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
+             "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
+             "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml"}
 ROOT_FIELDS = ("apiVersion", "kind", "metadata")
 
 
 @functools.lru_cache(maxsize=None)
 def schema_of(kind: str, crds: str) -> dict:
-    """The v1 openAPIV3Schema of KubeRay's `kind` in directory `crds` (parsed once per process)."""
+    """The v1 openAPIV3Schema of `kind` (KubeRay's or the Prometheus Operator's) in directory `crds` (parsed
+    once per process)."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     crd = yaml.load((Path(crds) / CRD_FILES[kind]).read_text(), Loader=loader)
     return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]

@@ -10,7 +10,8 @@ the endpoints `rollfleet.deploy` uses, with the semantics those calls rely on:
   kept per manager, 409 `Conflict` when another manager owns a field the apply would change (unless
   `force=true`, which takes the field over), fields dropped from an apply are removed when no other
   manager owns them, a no-op apply changes nothing (same resourceVersion), `dryRun=All` persists nothing;
-- the KubeRay CRDs' structural schemas, read from the CRD files (tests/crd_schema.py): unknown fields
+- the KubeRay CRDs' (and the Prometheus Operator's PodMonitor / PrometheusRule) structural schemas, read
+  from the CRD files (tests/crd_schema.py): unknown fields
   are pruned (`fieldValidation=Strict`: refused with 400, else dropped with a `Warning` header),
   and `default:`s are applied to what is stored and returned. As in kube-apiserver, whether an apply is
   a no-op is decided on the merged object *before* defaulting (structured-merge-diff's `Apply`, then
@@ -84,6 +85,12 @@ def kuberay(version: str = "v1") -> list[ResourceType]:
     """The two KubeRay CRDs rollfleet needs, served at `ray.io/<version>`."""
     return [ResourceType("ray.io", version, "rayclusters", "RayCluster", True, ("status",)),
             ResourceType("ray.io", version, "rayjobs", "RayJob", True, ("status",))]
+
+
+def monitoring() -> list[ResourceType]:
+    """The Prometheus Operator's CRDs that `monitoring` renders, served at `monitoring.coreos.com/v1`."""
+    return [ResourceType("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor", True),
+            ResourceType("monitoring.coreos.com", "v1", "prometheusrules", "PrometheusRule", True)]
 
 
 class ApiError(Exception):
@@ -216,7 +223,7 @@ class FakeApiServer:
     def __init__(self, types: list[ResourceType] | None = None, crds: Path | None = None):
         """`crds`: the directory of KubeRay's CRD files (default: rollfleet.validate.crds_dir())."""
         self.crds = crds
-        self.types = list(CORE + kuberay()) if types is None else list(types)
+        self.types = list(CORE + kuberay() + monitoring()) if types is None else list(types)
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
         self.logs: dict[tuple[str, str, str], str] = {}  # (namespace, pod, container) -> text
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every request served
@@ -275,7 +282,12 @@ class FakeApiServer:
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
 
     def schema(self, t: ResourceType) -> dict | None:
-        """The structural schema of a KubeRay kind, None for built-in kinds (not modelled here)."""
+        """The structural schema of a KubeRay or Prometheus Operator kind, None for built-in kinds (not
+        modelled here)."""
+        if t.group == "monitoring.coreos.com":
+            from rollfleet.validate import monitoring_crds_dir
+
+            return schema_of(t.kind, str(monitoring_crds_dir()))
         if t.group != "ray.io":
             return None
         if self.crds is None:

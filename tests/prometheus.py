@@ -44,12 +44,16 @@ class Prometheus:
                                        f"{(workdir / 'prometheus.log').read_text()[-2000:]}") from None
                 time.sleep(0.2)
 
-    def query(self, expr: str) -> list[dict]:
-        """An instant query's result vector (each: {"metric": labels, "value": [t, v]})."""
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        answer = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        """An instant query's result vector (each: {"metric": labels, "value": [t, v]}), now or `at` (Unix time)."""
+        params = {"query": expr, **({"time": f"{at:.3f}"} if at is not None else {})}
+        return self.api("query?" + urllib.parse.urlencode(params))["result"]
+
+    def api(self, path: str) -> dict:
+        """The `data` of a successful answer of the HTTP API at /api/v1/`path`."""
+        answer = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v1/{path}", timeout=10).read())
         assert answer["status"] == "success", answer
-        return answer["data"]["result"]
+        return answer["data"]
 
     def targets_up(self) -> bool:
         return any(float(r["value"][1]) == 1 for r in self.query('up{job="ray"}'))

@@ -70,14 +70,21 @@ def helm_render_as_cli(chart, values: dict[str, Any]) -> dict[str, str]:
     return helm_render(chart, values, spec.name, spec.namespace)
 
 
-KIND_ORDER = ["ConfigMap", "RayJob", "RayCluster", "NetworkPolicy"]  # the CLI's order
+KIND_ORDER = ["ConfigMap", "RayJob", "RayCluster", "NetworkPolicy", "PodMonitor", "PrometheusRule"]  # the CLI's order
+
+
+def _place(obj: dict) -> int:
+    """Where the CLI renders `obj`: by kind, the dashboard's ConfigMap last."""
+    if obj["kind"] == "ConfigMap" and obj["metadata"]["name"].endswith("-dashboard"):
+        return len(KIND_ORDER)
+    return KIND_ORDER.index(obj["kind"]) if obj["kind"] in KIND_ORDER else len(KIND_ORDER) + 1
 
 
 def objects_of(rendered: dict[str, str], tests: bool = False) -> list[dict]:
     """The rendered objects (without the `helm test` hooks unless `tests`), in the CLI's order."""
     objs = [obj for path, text in rendered.items() if path.endswith(".yaml")
             and (tests or not path.startswith(TEST_HOOKS)) for obj in yaml.safe_load_all(text) if obj]
-    return sorted(objs, key=lambda o: KIND_ORDER.index(o["kind"]) if o["kind"] in KIND_ORDER else len(KIND_ORDER))
+    return sorted(objs, key=_place)
 
 
 def cli_objects(values: dict[str, Any]) -> list[dict]:
@@ -109,7 +116,7 @@ def assert_same_objects(helm_objs: list[dict], cli_objs: list[dict]) -> None:
     helm_objs, cli_objs = (without_helm_labels(objs, managed_by) for objs, managed_by in
                            ((helm_objs, "Helm"), (cli_objs, "rollfleet")))
     for obj in (*helm_objs, *cli_objs):
-        if obj["kind"] == "ConfigMap":
+        if obj["kind"] == "ConfigMap" and "fleet.json" in obj["data"]:
             obj["data"]["fleet.json"] = json.loads(obj["data"]["fleet.json"])
     assert helm_objs == cli_objs
 
@@ -119,7 +126,7 @@ def chart_yaml() -> dict:
 
 
 def config_of(objs: list[dict]) -> str:
-    (cm,) = [o for o in objs if o["kind"] == "ConfigMap"]
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and "fleet.json" in o["data"]]
     return cm["data"]["fleet.json"]
 
 
@@ -286,6 +293,13 @@ COLOCATED = {"pools": {"colocated": {"nodes": 2, "gpusPerNode": 2, "cpu": 16, "m
                          {"name": "logs", "claimName": "logs", "mountPath": "/logs", "groups": ["head"]}]}
 EDGE_CASES = {
     "defaults": {},
+    "monitoring-on-policy": {"name": "mon", "rollout": {"maxStaleness": 0}, "networkPolicy": {"enabled": False},
+                             "monitoring": {"podMonitor": {"enabled": True, "intervalSeconds": 5},
+                                            "alerts": {"enabled": True, "restarts": 1, "noStepMinutes": 7,
+                                                       "pushSeconds": 45, "labels": {"team": "rl"}},
+                                            "dashboard": {"enabled": True, "labels": {"dash": "yes"}}}},
+    "monitoring-staleness-9": {"rollout": {"maxStaleness": 9}, "monitoring": {
+        "scraper": {"namespace": "obs", "podLabels": {"app": "prom"}}, "alerts": {"enabled": True}}},
     "every-field": FULL_VALUES,
     "standing-cluster": {"job": {"enabled": False}, "image": {"pullSecrets": ["creds"]}},
     "job-without-shutdown": {"job": {"shutdownAfterJobFinishes": False, "activeDeadlineSeconds": 60}},
@@ -357,6 +371,9 @@ def test_every_nullable_and_quantity_field_has_an_edge_case():
 # --- the cross-field rules fail in Helm with the CLI's message ------------------------------------------
 
 RULE_CASES = {
+    "scraper-namespace-without-labels": {"monitoring": {"scraper": {"namespace": "monitoring"}}},
+    "scraper-labels-without-namespace": {"monitoring": {"scraper": {"podLabels": {"app": "prometheus"}}}},
+    "pod-monitor-behind-the-network-policy": {"monitoring": {"podMonitor": {"enabled": True}}},
     "shm-exceeds-memory": {"pools": {"trainer": {"memory": "1500Mi", "shmSize": "1.5Gi"},
                                      "inference": {"memory": 1073741824, "shmSize": "2Gi"}}},
     "shm-below-minimum": {"pools": {"trainer": {"shmSize": "64Mi"}, "inference": {"shmSize": 1000000}}},

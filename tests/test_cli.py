@@ -211,7 +211,18 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0
-    assert capsys.readouterr().out.startswith("rollfleet 0.1.0 (image tag 0.1.0-vllm0.14.1, Ray 2.52.1, KubeRay v1.7.0)")
+    from importlib import metadata
+
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps it
+    assert out.startswith("rollfleet 0.1.0 (image tag 0.1.0-vllm0.14.1, Ray 2.52.1, KubeRay v1.7.0); installed here: ")
+    assert f"ray {metadata.version('ray')}, torch {metadata.version('torch')}, " in out  # what runs here, beside the pins
+
+
+def test_a_closed_pipe_ends_quietly():
+    script = Path(sys.executable).with_name("rollfleet")
+    piped = subprocess.run(f"{script} schema | head -c 10", shell=True, capture_output=True, text=True, timeout=60,
+                           executable="/bin/bash")
+    assert piped.stdout == '{\n  "$defs'[:10] and piped.stderr == "", piped.stderr
 
 
 @pytest.mark.parametrize("fmt", ["json", "yaml"])

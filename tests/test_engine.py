@@ -385,7 +385,7 @@ def test_engine_actor_start_failure_for_a_missing_model(tmp_path):
     assert actor.health()["state"] == "failed"
 
 
-def test_vllm_core_builds_the_engine_arguments_from_the_spec(monkeypatch):
+def test_vllm_core_builds_the_engine_arguments_from_the_spec(monkeypatch, capsys):
     """VllmCore.start's AsyncEngineArgs, with vLLM's two entry points stood in (no vLLM on CPU): what
     the spec sets, extraEngineArgs on top (disable_log_stats is only a default), sleep mode colocated only;
     vLLM's Ray stat logger unless extraEngineArgs turns the stats off."""
@@ -433,3 +433,10 @@ def test_vllm_core_builds_the_engine_arguments_from_the_spec(monkeypatch):
     assert made["enable_sleep_mode"] is True
     assert made["disable_log_stats"] is False and made["stat_loggers"] == [Logger]  # vLLM's metrics through Ray
     assert made["distributed_executor_backend"] == "uni"
+    # where ray.serve does not import, vLLM's wrapper has no ray_metrics: its default loggers, and one line
+    made.clear()
+    monkeypatch.setitem(sys.modules, "vllm.v1.metrics.ray_wrappers",
+                        types.SimpleNamespace(RayPrometheusStatLogger=Logger, ray_metrics=None))
+    asyncio.run(VllmCore(colocated, model).start())
+    assert made["disable_log_stats"] is False and made["stat_loggers"] is None
+    assert "vLLM's Ray stat logger is unavailable here" in capsys.readouterr().out

@@ -10,6 +10,8 @@
    delivered token is regenerated from the weights of the version it is stamped with (the same engine,
    pushed back to each version): vLLM's abort hands back exactly the tokens it had, and the new weights
    and a reset prefix cache are in before a single token more is decoded.
+4. Metrics (with 1): Ray's metrics endpoint on this node, read every 2 s during the colocated run, has
+   every rollfleet_* metric and the vLLM names the stand-in records, from real vLLM's Ray stat logger.
 Needs: 1 GPU for 1-3, 2 for the dedicated cases of 1 (3 for fan-out / TP=2). Results go to $OUT (json).
 """
 
@@ -18,7 +20,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -69,6 +74,7 @@ def ray_gpus(tmp_path_factory):
     work = tmp_path_factory.mktemp("gpu-probe")
     (work / "gpu_probe.py").write_text(PROBE)
     n = torch.cuda.device_count()
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # processes hand metrics to the agent every 1 s
     ray.init(num_gpus=n, resources={"trainer": n, "inference": n}, include_dashboard=False,
              runtime_env={"working_dir": str(work)})
     yield n
@@ -96,6 +102,33 @@ def gpu_spec(layout: str, engines: int = 1, tp: int = 1, inflight: str = "wait",
                       "vllm": {"tensorParallelSize": tp, "enforceEager": True, "gpuMemoryUtilization": 0.3}})
 
 
+class Scrape(threading.Thread):
+    """Reads Ray's metrics endpoint on this node every 2 s (as Prometheus would): the names seen."""
+
+    def __init__(self):
+        import ray
+
+        super().__init__(daemon=True)
+        node = next(n for n in ray.nodes() if n["Alive"])
+        self.url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        self.names: set[str] = set()
+        self.text, self.errors, self.done = "", [], threading.Event()
+
+    def run(self):
+        while not self.done.wait(2):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    self.text = r.read().decode()
+                self.names |= set(re.findall(r"^(ray_(?:rollfleet|vllm)_[a-z_]+)", self.text, re.M))
+            except OSError as exc:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def stop(self):
+        self.done.set()
+        self.join(timeout=10)
+        return self
+
+
 CASES = {  # id: (layout, engines, tp, inflight, GPUs needed)
     "colocated-tp1": ("colocated", 1, 1, "wait", 1),
     "1engine-tp1-wait": ("dedicated", 1, 1, "wait", 2),
@@ -116,6 +149,8 @@ def test_the_grpo_loop_learns_and_the_pushes_land_on_real_engines(ray_gpus, case
     if need > ray_gpus:
         pytest.skip(f"needs {need} GPUs, this host has {ray_gpus}")
     spec = gpu_spec(layout, engines, tp, inflight)
+    scrape = Scrape()
+    scrape.start()
     group = TrainerGroup.start(spec)
     fleet = Fleet.start(spec, str(tiny.ensure()), trainers=group)
     try:
@@ -134,9 +169,25 @@ def test_the_grpo_loop_learns_and_the_pushes_land_on_real_engines(ray_gpus, case
             for sums in workers:  # replicated parameters: the same on every TP rank as on the trainer
                 assert sums == pytest.approx(out["want"], rel=1e-6), f"engine {engine}: {sums} != {out['want']}"
         assert all(h["state"] == "idle" for h in fleet.health())
+        if layout == "colocated":
+            _check_metrics(scrape.stop())
     finally:
+        scrape.stop()
         fleet.shutdown()
         group.shutdown()
+
+
+def _check_metrics(scrape: Scrape) -> None:
+    from rollfleet.runtime import metrics
+
+    want = {n: metrics.exported(n) for n in [*metrics.METRICS, *metrics.VLLM]}
+    missing = sorted(n for n, exported in want.items() if exported not in scrape.names)
+    _save("gpu-metrics.json", {"url": scrape.url, "errors": scrape.errors[-5:], "missing": missing,
+                               "names": sorted(scrape.names), "gpu": torch.cuda.get_device_name(0)})
+    (OUT / "gpu-metrics.txt").write_text(scrape.text)
+    print(f"metrics endpoint {scrape.url}: {len(scrape.names)} ray_rollfleet_/ray_vllm_ names, missing {missing}")
+    assert scrape.names, f"nothing from {scrape.url}: {scrape.errors[-3:]}"
+    assert not missing, f"not on Ray's metrics endpoint: {missing}"
 
 
 def test_a_killed_engine_process_is_restarted_on_its_gpu_and_the_colocated_run_completes(ray_gpus):

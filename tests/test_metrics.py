@@ -1,16 +1,22 @@
 """metrics.py: rollfleet's metrics reach a real Prometheus from Ray's metrics endpoint. The runs of
 tests/loop_runs.py (four fleets on one local Ray, an engine killed in one) are scraped every second by
 Debian's prometheus on loopback; every metric of metrics.METRICS and the stand-in's vLLM names
-(metrics.VLLM) must have series with their labels, and the values must be the runs' own."""
+(metrics.VLLM) must have series with their labels, and the values must be the runs' own. The same
+Prometheus evaluates the rendered alert rules throughout (the killed engine's restart must fire its
+alert), and every expression of the dashboard and of the alerts returns data when the runs end."""
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 
 import pytest
 
+from rollfleet import monitoring
 from rollfleet.runtime import metrics
 
+import loop_runs as loop_runs_module
 from conftest import ROOT
 from loop_runs import STEPS
 
@@ -23,6 +29,33 @@ def test_outside_ray_recording_does_nothing_and_never_raises():
     metrics.observe("rollfleet_push_seconds", 0.1, fleet="f")
     metrics.zero("rollfleet_engine_restarts", fleet="f", engine=0)
     metrics.StepClock("f").row({"step": 1, "loss": 0.5, "reward": "not a number"})
+
+
+def test_a_silent_metrics_endpoint_is_named_and_an_answering_one_is_not():
+    import http.server
+    import socket
+    import threading
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ray_up 1\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens here once the socket is closed
+    nodes = [{"Alive": True, "NodeManagerAddress": "127.0.0.1", "MetricsExportPort": port}
+             for port in (server.server_address[1], closed)] + [{"Alive": False, "NodeManagerAddress": "x"}]
+    try:
+        assert metrics.silent_endpoints(nodes, timeout_s=1, poll_s=0.2) == [f"http://127.0.0.1:{closed}/metrics"]
+    finally:
+        server.shutdown()
 
 
 def test_exported_names_follow_rays_exporter():
@@ -88,3 +121,65 @@ def test_the_values_are_the_runs_own(prometheus):
     fresh = prometheus.query(f"last_over_time({metrics.exported('rollfleet_sample_staleness').removesuffix('_count')}"
                              f'_bucket{{le="0.5"}}[{WINDOW}])')
     assert sum(float(r["value"][1]) for r in fresh) > 0  # on-policy groups were taken
+
+
+def _quantity(expr: str) -> str:
+    """An alert's expression without its comparison: the quantity it watches (prometheusrule.yaml.j2)."""
+    quantity, n = re.subn(r" (>=|>|<=|<|==) [0-9.]+$", "", expr)
+    assert n == 1, f"not `<quantity> <comparison> <threshold>`: {expr}"
+    return quantity
+
+
+def _rules(loop_runs) -> list[dict]:
+    import json
+
+    return [rule for group in json.loads(loop_runs["rules"].read_text())["groups"] for rule in group["rules"]]
+
+
+@pytest.mark.parametrize("staleness", [0, 4])
+def test_promtool_accepts_the_rendered_rules(tmp_path, staleness):
+    import json
+    import shutil
+
+    if shutil.which("promtool") is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is not installed; .ci/run installs Debian's prometheus")
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    rules = loop_runs_module.alert_rules({**loop_runs_module.ALERTS, "rollout": {"maxStaleness": staleness}})
+    (tmp_path / "rules.yml").write_text(json.dumps(rules))
+    promtool = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")], capture_output=True,
+                              text=True, timeout=60)
+    assert promtool.returncode == 0, promtool.stdout + promtool.stderr
+    assert f"SUCCESS: {4 + (staleness > 0)} rules found" in promtool.stdout
+
+
+@pytest.mark.slow
+def test_prometheus_evaluated_every_alert_rule_without_error(prometheus, loop_runs):
+    loaded = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
+    assert sorted(r["name"] for r in loaded) == sorted(r["alert"] for r in _rules(loop_runs))
+    assert all(r["health"] == "ok" and not r.get("lastError") for r in loaded), loaded
+
+
+@pytest.mark.slow
+def test_the_killed_engines_restart_fired_its_alert(prometheus, loop_runs):
+    fired = prometheus.query('max_over_time(ALERTS{alertname="RollfleetEngineRestarting", alertstate="firing"}[30m])',
+                             at=loop_runs["ended_at"])
+    assert {(r["metric"]["fleet"], r["metric"]["engine"]) for r in fired} == {("local", "0")}, fired
+    quiet = prometheus.query('max_over_time(ALERTS{alertname=~"RollfleetEngineFailed|RollfleetNoStep"}[30m])',
+                             at=loop_runs["ended_at"])
+    assert quiet == []  # no engine failed for good, and steps came every few seconds
+
+
+@pytest.mark.slow
+def test_every_alert_quantity_returns_data(prometheus, loop_runs):
+    empty = [r["alert"] for r in _rules(loop_runs) if not prometheus.query(_quantity(r["expr"]), at=loop_runs["alive_at"])]
+    assert not empty, f"alert expressions without data: {empty}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expr", monitoring.expressions())
+def test_every_dashboard_expression_returns_data(prometheus, loop_runs, expr):
+    # as Grafana sends it: $fleet is the selected fleets' regex, $__rate_interval a window of scrapes
+    query = expr.replace("$fleet", "local").replace("$__rate_interval", "1m")
+    result = prometheus.query(query, at=loop_runs["alive_at"])
+    assert result, f"no data for {query}"

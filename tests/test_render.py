@@ -635,6 +635,40 @@ def test_network_policy_ingress_from_named_namespaces():
     assert "NetworkPolicy" not in objects({"networkPolicy": {"enabled": False}})
 
 
+def test_the_scraper_alone_reaches_the_metrics_port_on_every_pod():
+    objs = objects({"name": "mon", "monitoring": {"podMonitor": {"enabled": True},
+                                                  "scraper": {"namespace": "obs", "podLabels": {"app": "prom"}}}})
+    scraper = objs["NetworkPolicy"]["spec"]["ingress"][2]
+    assert scraper == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}},
+                                 "podSelector": {"matchLabels": {"app": "prom"}}}],  # one peer: both must match
+                       "ports": [{"port": 8080, "protocol": "TCP"}]}
+    monitor = objs["PodMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"] == objs["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"]
+    assert monitor["namespaceSelector"] == {"matchNames": ["default"]}
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    spec = objs["RayJob"]["spec"]["rayClusterSpec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"name": endpoint["port"], "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+
+
+def test_the_alerts_are_this_fleets_with_the_values_thresholds():
+    rules = objects({"name": "mon", "rollout": {"maxStaleness": 2}, "monitoring": {"alerts": {
+        "enabled": True, "restarts": 5, "noStepMinutes": 12, "pushSeconds": 40}}})["PrometheusRule"]
+    exprs = {r["alert"]: r["expr"] for r in rules["spec"]["groups"][0]["rules"]}
+    assert all('{fleet="mon"' in e for e in exprs.values()), exprs
+    assert exprs["RollfleetEngineRestarting"].endswith("[1h])) >= 5")
+    assert exprs["RollfleetNoStep"].endswith("> 720")
+    assert exprs["RollfleetPushSlow"].endswith("> 40")
+    assert exprs["RollfleetStalenessAtBound"].endswith(">= 1.5")  # mean staleness: most samples at 2
+
+
+def test_monitoring_objects_only_when_enabled():
+    kinds = set(objects({}))
+    assert not kinds & {"PodMonitor", "PrometheusRule"} and len(render_objects(load_spec({}))) == 3
+
+
 # --- template injection: every string reaches the objects as data --------------------------------------
 
 # newlines, ': ', '{{', quotes, '#', and YAML words, combined into a few strings

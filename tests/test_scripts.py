@@ -43,6 +43,7 @@ def dry_run(*args: str, **env: str) -> tuple[list[list[str]], str]:
 
 def test_kind_smoke_dry_run_runs_the_steps_in_order():
     commands, output = dry_run("--dry-run")
+    assert "PASSED" not in output and "dry run: the commands above were printed, none was run" in output
     context = ["--kube-context", "kind-rollfleet-smoke"]
     expected = [
         [".venv/bin/rollfleet", "validate", "-f", "manifests/examples/kind.yaml"],

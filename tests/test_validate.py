@@ -7,7 +7,7 @@ import copy
 import jsonschema
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, ROOT
 from rollfleet.render import render_objects
 from rollfleet.values import load_values
 from rollfleet.spec import load_spec
@@ -17,7 +17,8 @@ from rollfleet.validate import crd_validator, crds_dir, make_strict, validate_ob
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.stem)
 def test_every_example_validates_strictly(crds, example):
     objs = render_objects(load_values(example))
-    assert {o["kind"] for o in objs} <= {"ConfigMap", "RayJob", "RayCluster", "NetworkPolicy"}
+    assert {o["kind"] for o in objs} <= {"ConfigMap", "RayJob", "RayCluster", "NetworkPolicy", "PodMonitor",
+                                         "PrometheusRule"}
     assert validate_objects(objs, crds) == []
 
 
@@ -167,3 +168,48 @@ def test_missing_crds_say_how_to_get_them_outside_a_checkout(monkeypatch, tmp_pa
     message = str(exc.value)
     assert "--crds DIR" in message and "curl -fsSLO" in message
     assert "ray.io_rayjobs.yaml" in message and "v1.7.0" in message
+
+
+MONITORED = {"monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "kps"}, "intervalSeconds": 15},
+                            "scraper": {"namespace": "monitoring", "podLabels": {"app": "prometheus"}},
+                            "alerts": {"enabled": True}, "dashboard": {"enabled": True}}}
+
+
+@pytest.mark.parametrize("staleness", [0, 3])
+def test_the_monitoring_objects_validate_against_the_prometheus_operators_crds(crds, staleness):
+    objs = render_objects(load_spec({**MONITORED, "rollout": {"maxStaleness": staleness}}))
+    assert [o["kind"] for o in objs[-3:]] == ["PodMonitor", "PrometheusRule", "ConfigMap"]
+    assert validate_objects(objs, crds) == []
+    alerts = [r["alert"] for r in objs[-2]["spec"]["groups"][0]["rules"]]
+    assert ("RollfleetStalenessAtBound" in alerts) == (staleness > 0)  # on-policy: every sample is at the bound
+
+
+@pytest.mark.parametrize("kind, path, value, expect", [
+    ("PodMonitor", ("spec", "podMetricsEndpoints", 0, "interval"), "30 sec", "interval: '30 sec' does not match"),
+    ("PodMonitor", ("spec", "selectors"), {}, "'selectors' was unexpected"),
+    ("PrometheusRule", ("spec", "groups", 0, "rules", 0, "for"), "1 minute", "for: '1 minute' does not match"),
+])
+def test_a_broken_monitoring_object_is_reported_with_its_path(crds, kind, path, value, expect):
+    obj = next(o for o in render_objects(load_spec(MONITORED)) if o["kind"] == kind)
+    node = obj
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    (problem,) = validate_object(obj, crds)
+    assert problem.startswith(f"{kind}/rollfleet: ") and expect in problem, problem
+
+
+def test_the_monitoring_crds_are_the_makefiles_pin():
+    from rollfleet.spec import PROMETHEUS_OPERATOR_VERSION
+
+    assert f"PROMETHEUS_OPERATOR_VERSION := {PROMETHEUS_OPERATOR_VERSION}\n" in (ROOT / "Makefile").read_text()
+
+
+def test_missing_monitoring_crds_say_how_to_get_them(monkeypatch, tmp_path):
+    from rollfleet import validate
+
+    monkeypatch.setenv("ROLLFLEET_MONITORING_CRDS_DIR", str(tmp_path))
+    monkeypatch.setattr(validate, "__file__", str(tmp_path / "site-packages/rollfleet/validate.py"))
+    with pytest.raises(validate.CrdsMissing) as exc:
+        validate.monitoring_crds_dir()
+    assert "make monitoring-crds" in str(exc.value) and "proxy.golang.org" in str(exc.value)

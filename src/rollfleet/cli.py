@@ -12,7 +12,7 @@ from pathlib import Path
 from rollfleet import bench, demo
 from rollfleet.deploy import commands as deploy_commands
 from rollfleet.deploy.fleet import CREATED_KINDS
-from rollfleet.spec import IMAGE_TAG, KUBERAY_VERSION, RAY_VERSION, SpecError
+from rollfleet.spec import IMAGE_TAG, KUBERAY_VERSION, PROMETHEUS_OPERATOR_VERSION, RAY_VERSION, SpecError
 
 USAGE_ERROR = 2
 # What a command needs beyond `pip install rollfleet`: the module, and the extra that brings it.
@@ -104,7 +104,9 @@ def cmd_validate(args) -> int:
         return 1
     if not args.output:
         kinds = ", ".join(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
-        print(f"ok: {kinds} valid (KubeRay {KUBERAY_VERSION} CRDs strict, Kubernetes strict); "
+        monitoring = any(o["apiVersion"].startswith("monitoring.coreos.com/") for o in objects)
+        crds = f"KubeRay {KUBERAY_VERSION}" + (f" and Prometheus Operator {PROMETHEUS_OPERATOR_VERSION}" if monitoring else "")
+        print(f"ok: {kinds} valid ({crds} CRDs strict, Kubernetes strict); "
               f"{spec.engines} engine(s) × TP {spec.vllm.tensor_parallel_size}, "
               f"{spec.trainer_pool.gpus} trainer GPU(s)" + (", the same GPUs (colocated)" if spec.colocated else ""))
     return 0
@@ -160,7 +162,14 @@ def version() -> str:
         own = metadata.version("rollfleet")
     except metadata.PackageNotFoundError:
         own = "unknown"
-    return f"rollfleet {own} (image tag {IMAGE_TAG}, Ray {RAY_VERSION}, KubeRay {KUBERAY_VERSION})"
+    installed = []
+    for name in ("ray", "torch", "vllm"):
+        try:
+            installed.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            installed.append(f"no {name}")
+    return (f"rollfleet {own} (image tag {IMAGE_TAG}, Ray {RAY_VERSION}, KubeRay {KUBERAY_VERSION}); "
+            f"installed here: {', '.join(installed)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"error: rollfleet {args.command} interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`rollfleet schema | head`): stop quietly, as `yes | head` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail too
+        return 141
     except Exception as exc:  # noqa: BLE001 - the promise: no traceback reaches a user
         if os.environ.get("ROLLFLEET_DEBUG"):
             raise

@@ -1,6 +1,7 @@
 """Golden renders: manifests/rendered/<example>.yaml for every manifests/examples/<example>.yaml.
 
-`make manifests` (python -m rollfleet.golden write) regenerates them; tests/test_golden.py fails on drift.
+`make manifests` (python -m rollfleet.golden write) regenerates them, and the chart's Grafana dashboard
+(charts/rollfleet/files/dashboard.json, from rollfleet/monitoring.py); tests/test_golden.py fails on drift.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from rollfleet.monitoring import DASHBOARD_FILE, dashboard_json
 from rollfleet.render import render_objects, to_yaml
 from rollfleet.values import load_values
 
@@ -35,6 +37,9 @@ def main(argv: list[str]) -> int:
     for example in examples():
         (RENDERED / example.name).write_text(golden_text(example))
         print(f"wrote manifests/rendered/{example.name}")
+    DASHBOARD_FILE.parent.mkdir(parents=True, exist_ok=True)
+    DASHBOARD_FILE.write_text(dashboard_json())
+    print("wrote charts/rollfleet/files/dashboard.json")
     return 0
 
 

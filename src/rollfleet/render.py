@@ -13,6 +13,7 @@ from typing import Any
 import jinja2
 import yaml
 
+from rollfleet.monitoring import dashboard_json
 from rollfleet.spec import PORTS, FleetSpec, runtime_config
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -141,7 +142,8 @@ def config_name(spec: FleetSpec) -> str:
 
 def render_objects(spec: FleetSpec) -> list[dict[str, Any]]:
     """ConfigMap + (RayJob with an embedded cluster | standalone RayCluster) + NetworkPolicy (unless
-    networkPolicy.enabled is false), as plain dicts."""
+    networkPolicy.enabled is false) + what monitoring enables (PodMonitor, PrometheusRule, the dashboard's
+    ConfigMap), as plain dicts."""
     env = _env(TEMPLATES)
     runtime_env = spec.job.runtime_env.ray()
     context = {
@@ -151,9 +153,14 @@ def render_objects(spec: FleetSpec) -> list[dict[str, Any]]:
         "entrypoint": LAUNCH,
         # JSON is YAML: the RayJob's runtimeEnvYAML (empty: none)
         "runtime_env": go_json(runtime_env) if runtime_env else "",
+        "dashboard_json": dashboard_json() if spec.monitoring.dashboard.enabled else "",
     }
     names = ["configmap.yaml.j2", "rayjob.yaml.j2" if spec.job.enabled else "raycluster.yaml.j2"]
     names += ["networkpolicy.yaml.j2"] if spec.network_policy.enabled else []
+    mon = spec.monitoring
+    names += ["podmonitor.yaml.j2"] if mon.pod_monitor.enabled else []
+    names += ["prometheusrule.yaml.j2"] if mon.alerts.enabled else []
+    names += ["dashboard.yaml.j2"] if mon.dashboard.enabled else []
     objects = []
     for name in names:
         text = env.get_template(name).render(context)

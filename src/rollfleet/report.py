@@ -1,5 +1,7 @@
-"""A run's plot, for a person to look at instead of reading the table: reward (with its spread),
-tokens/s, staleness and push time per step, one PNG (matplotlib, drawn off-screen)."""
+"""Plots for a person to look at instead of reading the table (matplotlib, drawn off-screen): a run's
+reward (with its spread), tokens/s, staleness and push time per step (`write_plot`, the demo's), and
+`rollfleet bench rollout`'s throughput per path and push and pause times per in-flight policy
+(`write_rollout_plot`)."""
 
 from __future__ import annotations
 
@@ -10,15 +12,30 @@ PANELS = [("reward", "mean reward (± spread within groups)"), ("tokens_per_s", 
           ("staleness", "staleness of the batch (versions)"), ("push_ms", "push (ms)")]
 
 
-def write_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> str:
-    """Write the PNG; returns its path, or why there is none (matplotlib not installed)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return f"none written ({path}): matplotlib is not installed; pip install matplotlib"
+def _pyplot():
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str | Path) -> str:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    return str(path)
+
+
+def write_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> str:
+    """Write the PNG; returns its path, or why there is none (matplotlib not installed)."""
+    try:
+        plt = _pyplot()
+    except ImportError:
+        return f"none written ({path}): matplotlib is not installed; pip install matplotlib"
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(7, 2.2 * len(PANELS)), sharex=True)
     for ax, (key, label) in zip(axes, PANELS):
@@ -34,9 +51,39 @@ def write_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
     axes[-1].set_xlabel("step")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    out = _save(fig, path)
     plt.close(fig)
-    return str(path)
+    return out
+
+
+ROLLOUT_PATHS = ("bare", "batch", "async")  # bench/rollout.py's: bare AsyncLLM, fleet.generate, the async client
+
+
+def write_rollout_plot(result: dict[str, Any], path: str | Path) -> str:
+    """`rollfleet bench rollout`'s result as a PNG: tokens/s per path; with a trainer GPU, each push's
+    time and the generation it paused, per in-flight policy. Returns the path, or why there is none."""
+    try:
+        plt = _pyplot()
+    except ImportError:
+        return f"none written ({path}): matplotlib is not installed; pip install matplotlib"
+    pushes = result.get("push") if isinstance(result.get("push"), dict) else {}
+    fig, axes = plt.subplots(1 + 2 * bool(pushes), 1, figsize=(7, 2.6 * (1 + 2 * bool(pushes))), squeeze=False)
+    axes = [a[0] for a in axes]
+    paths = [p for p in ROLLOUT_PATHS if isinstance(result.get(p), dict)]
+    axes[0].bar(paths, [result[p]["tokens_per_s"] for p in paths])
+    for policy, costs in pushes.items():
+        axes[0].bar(f"async + push\n({policy})", costs["generation"]["tokens_per_s"])
+        for ax, key in zip(axes[1:], ("push_s", "paused_s")):
+            ax.plot([row[key] * 1000 for row in costs["pushes"]], marker="o", markersize=3, label=policy)
+    axes[0].set_ylabel("tokens/s", fontsize=8)
+    for ax, label in zip(axes[1:], ("push (ms)", "generation paused (ms)")):
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_xlabel("push", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"rollfleet bench rollout: {result.get('shape')}, vLLM {result.get('vllm', '?')}", fontsize=9)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

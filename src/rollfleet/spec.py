@@ -37,6 +37,7 @@ DEFAULT_ENV = {
 DEFAULT_NCCL_ENV = {"NCCL_CUMEM_ENABLE": "0"}
 RAY_VERSION = "2.52.1"  # equals the image lock's ray (tests check it)
 KUBERAY_VERSION = "v1.7.0"  # the operator (and CRDs) the objects are written for
+PROMETHEUS_OPERATOR_VERSION = "v0.92.1"  # whose CRDs the monitoring objects are checked against (the Makefile's)
 RAY_AUTH_SINCE = (2, 52)  # KubeRay's authOptions.mode token needs Ray 2.52.0 or later
 IMAGE_TAG = "0.1.0-vllm0.14.1"
 MIN_SHM = "1Gi"  # NCCL and vLLM TP break on small /dev/shm (the container default is 64 MiB)
@@ -367,6 +368,50 @@ class NetworkPolicy(Model):
     ingress: list[Ingress] = []
 
 
+class PodMonitor(Model):
+    enabled: bool = False
+    """Render a PodMonitor (monitoring.coreos.com/v1, the Prometheus Operator's): Ray's metrics port
+    (8080) on the head and every worker, relabelled with `ray_io_cluster` as KubeRay's own."""
+    labels: Labels = {}
+    """Labels your Prometheus' podMonitorSelector matches (kube-prometheus-stack: `release: <its release>`)."""
+    interval_seconds: integer(1, 3600) = 30
+
+
+class Scraper(Model):
+    namespace: Namespace | None = None
+    """Namespace of the Prometheus that scrapes the fleet: with podLabels, the NetworkPolicy admits
+    those pods, and only them, to the metrics port (8080)."""
+    pod_labels: Labels = {}
+    """Labels of the Prometheus pods (e.g. `app.kubernetes.io/name: prometheus`)."""
+
+
+class Alerts(Model):
+    enabled: bool = False
+    """Render a PrometheusRule with rollfleet's alerts (docs/monitoring.md)."""
+    labels: Labels = {}
+    """Labels your Prometheus' ruleSelector matches (kube-prometheus-stack: `release: <its release>`)."""
+    restarts: integer(1, 1000) = 3
+    """Alert when one engine is restarted this many times within an hour."""
+    no_step_minutes: integer(1, 10080) = 30
+    """Alert when no training step was reported for this long."""
+    push_seconds: integer(1, 86400) = 120
+    """Alert when the 90th percentile of a weight push over 15 minutes takes longer."""
+
+
+class Dashboard(Model):
+    enabled: bool = False
+    """Render the Grafana dashboard as a ConfigMap (docs/monitoring.md)."""
+    labels: Labels = {"grafana_dashboard": "1"}
+    """The label Grafana's dashboard sidecar looks for (kube-prometheus-stack: grafana.sidecar.dashboards.label)."""
+
+
+class Monitoring(Model):
+    pod_monitor: PodMonitor = PodMonitor()
+    scraper: Scraper = Scraper()
+    alerts: Alerts = Alerts()
+    dashboard: Dashboard = Dashboard()
+
+
 class FleetSpec(Model):
     name: FleetName = "rollfleet"
     namespace: Namespace = "default"
@@ -394,6 +439,7 @@ class FleetSpec(Model):
     pod_security: PodSecurity = PodSecurity()
     volumes: list[Volume] = []
     network_policy: NetworkPolicy = NetworkPolicy()
+    monitoring: Monitoring = Monitoring()
     nccl_env: NcclEnv = dict(DEFAULT_NCCL_ENV)
     """NCCL_* variables set identically on both pools (mismatches break the sync group)."""
     env: mapping(EnvName, AnyText) = dict(DEFAULT_ENV)
@@ -524,6 +570,13 @@ def cross_field_problems(s: FleetSpec) -> list[str]:
         p.append("gangScheduling.queue: Kueue admits a job through a LocalQueue; name it here")
     if gang.queue and not gang.scheduler:
         p.append("gangScheduling.queue: a queue without a scheduler does nothing; set gangScheduling.scheduler")
+    scraper = s.monitoring.scraper
+    if bool(scraper.namespace) != bool(scraper.pod_labels):
+        p.append("monitoring.scraper: set both namespace and podLabels (the Prometheus pods the NetworkPolicy "
+                 "admits to the metrics port 8080), or neither")
+    elif s.monitoring.pod_monitor.enabled and s.network_policy.enabled and not scraper.namespace:
+        p.append("monitoring.scraper.namespace: the NetworkPolicy keeps Prometheus from the metrics port (8080); "
+                 "set monitoring.scraper.namespace and podLabels to your Prometheus pods, or networkPolicy.enabled: false")
     for name in sorted(s.secret_env.keys() & s.env.keys()):
         p.append(f"secretEnv.{name}: also set in env; keep one of them")
     for field, seen in (("name", {}), ("mountPath", {})):

@@ -1,7 +1,9 @@
 """Offline validation of rendered objects: KubeRay CRD schemas made strict, built-ins via kubernetes-validate.
 
 The KubeRay v1.7.0 CRDs are not copied into this repo: CI reads ../shared/kuberay-v1.7.0/crds,
-elsewhere `make crds` downloads them into .cache/ (ROLLFLEET_CRDS_DIR or --crds points at either).
+elsewhere `make crds` downloads them into .cache/ (ROLLFLEET_CRDS_DIR or --crds points at either). The
+Prometheus Operator's PodMonitor and PrometheusRule CRDs (for what `monitoring` renders) come from its
+module on the Go module proxy: `make monitoring-crds` (ROLLFLEET_MONITORING_CRDS_DIR points at them).
 Parsing the 2.3 MB of CRD YAML is what made `validate` slow: the C loader reads a CRD once, and its
 strict v1 schema is kept as JSON under ~/.cache/rollfleet/ (keyed by the file's sha256) for later runs.
 """
@@ -19,11 +21,14 @@ from typing import Any
 import jsonschema
 import yaml
 
-from rollfleet.spec import KUBERAY_VERSION  # re-exported: the CRDs this validates against
+from rollfleet.spec import KUBERAY_VERSION, PROMETHEUS_OPERATOR_VERSION  # re-exported: the CRDs checked against
 
 KUBERNETES_VERSION = "1.33.0"  # the built-in schema version objects are checked against
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 CRD_URL = "https://raw.githubusercontent.com/ray-project/kuberay/{version}/ray-operator/config/crd/bases/{file}"
+MONITORING_CRD_FILES = {"PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
+                        "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml"}
+API_VERSIONS = {**dict.fromkeys(CRD_FILES, "ray.io/v1"), **dict.fromkeys(MONITORING_CRD_FILES, "monitoring.coreos.com/v1")}
 
 
 class CrdsMissing(FileNotFoundError):
@@ -48,6 +53,23 @@ def crds_dir(explicit: Path | None = None) -> Path:
     raise CrdsMissing(f"KubeRay {KUBERAY_VERSION} CRDs not found (looked in {[str(c) for c in candidates if c]}); "
                       f"in a checkout run `make crds`; elsewhere download them into a directory and pass "
                       f"--crds DIR (or set ROLLFLEET_CRDS_DIR): {download_hint()}")
+
+
+def monitoring_crds_dir() -> Path:
+    """Where the Prometheus Operator's CRDs are: $ROLLFLEET_MONITORING_CRDS_DIR, else .cache beside the checkout."""
+    root = Path(__file__).resolve().parents[2]
+    candidates = [os.environ.get("ROLLFLEET_MONITORING_CRDS_DIR"),
+                  root / f".cache/prometheus-operator-{PROMETHEUS_OPERATOR_VERSION}/crds"]
+    for c in candidates:
+        if c and all((Path(c) / f).is_file() for f in MONITORING_CRD_FILES.values()):
+            return Path(c)
+    module = (f"https://proxy.golang.org/github.com/prometheus-operator/prometheus-operator/@v/"
+              f"{PROMETHEUS_OPERATOR_VERSION}.zip")
+    raise CrdsMissing(f"the Prometheus Operator {PROMETHEUS_OPERATOR_VERSION} CRDs (for monitoring.podMonitor / "
+                      f"monitoring.alerts) not found (looked in {[str(c) for c in candidates if c]}); in a checkout "
+                      f"run `make monitoring-crds`; elsewhere take example/prometheus-operator-crd/"
+                      f"{' and '.join(MONITORING_CRD_FILES.values())} from {module} into a directory and set "
+                      f"ROLLFLEET_MONITORING_CRDS_DIR to it")
 
 
 def download_hint() -> str:
@@ -105,7 +127,7 @@ def cached_strict_schema(path: Path) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=None)
 def crd_validator(kind: str, directory: str) -> jsonschema.Draft7Validator:
-    return jsonschema.Draft7Validator(cached_strict_schema(Path(directory) / CRD_FILES[kind]))
+    return jsonschema.Draft7Validator(cached_strict_schema(Path(directory) / {**CRD_FILES, **MONITORING_CRD_FILES}[kind]))
 
 
 def _where(error: jsonschema.ValidationError) -> str:
@@ -116,10 +138,11 @@ def validate_object(obj: dict[str, Any], crds: Path | None = None) -> list[str]:
     """Problems with one object, each as `Kind/name: path: message`. Empty when valid."""
     kind = obj.get("kind", "?")
     name = f"{kind}/{obj.get('metadata', {}).get('name', '?')}"
-    if kind in CRD_FILES:
-        if obj.get("apiVersion") != "ray.io/v1":
-            return [f"{name}: apiVersion {obj.get('apiVersion')!r} is not ray.io/v1"]
-        validator = crd_validator(kind, str(crds_dir(crds)))
+    if kind in API_VERSIONS:
+        if obj.get("apiVersion") != API_VERSIONS[kind]:
+            return [f"{name}: apiVersion {obj.get('apiVersion')!r} is not {API_VERSIONS[kind]}"]
+        directory = crds_dir(crds) if kind in CRD_FILES else monitoring_crds_dir()
+        validator = crd_validator(kind, str(directory))
         errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
         return [f"{name}: {_where(e)}: {e.message}" for e in errors]
     import kubernetes_validate

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+from pydantic import BaseModel
 
 from rollfleet.spec import FleetSpec, load_spec
 
@@ -355,17 +356,22 @@ def apply_sets(values: dict[str, Any], sets: Iterable[str] = (), set_strings: It
 # --- values -> spec ----------------------------------------------------------------------------------
 
 
-def merge_default_maps(values: dict[str, Any]) -> dict[str, Any]:
-    """Merge the values' `env` and `ncclEnv` into their defaults, as Helm merges a values file into the
-    chart's values.yaml (pydantic would replace them, dropping e.g. NCCL_CUMEM_ENABLE=0 when a file only
-    adds NCCL_IB_HCA). So `rollfleet render -f` and `helm install -f` build the same spec from the same file.
-    As in Helm, `KEY: null` removes a default key; a null for any other key stays and is refused."""
+def merge_default_maps(values: dict[str, Any], model: type[BaseModel] = FleetSpec) -> dict[str, Any]:
+    """Merge the values' maps into their non-empty defaults (`env`, `ncclEnv`, `monitoring.dashboard.labels`),
+    as Helm merges a values file into the chart's values.yaml (pydantic would replace them, dropping e.g.
+    NCCL_CUMEM_ENABLE=0 when a file only adds NCCL_IB_HCA). So `rollfleet render -f` and `helm install -f`
+    build the same spec from the same file. As in Helm, `KEY: null` removes a default key; a null for any
+    other key stays and is refused."""
     out = dict(values)
-    for name, field in FleetSpec.model_fields.items():  # the maps with non-empty defaults: env, ncclEnv
+    for name, field in model.model_fields.items():
         key, defaults = field.alias or name, field.default
-        if isinstance(defaults, dict) and defaults and isinstance(out.get(key), dict):
+        if not isinstance(out.get(key), dict):
+            continue
+        if isinstance(defaults, dict) and defaults:
             merged = {**defaults, **out[key]}
             out[key] = {k: v for k, v in merged.items() if v is not None or k not in defaults}
+        elif isinstance(defaults, BaseModel):  # a section: its own maps
+            out[key] = merge_default_maps(out[key], type(defaults))
     return out
 
 

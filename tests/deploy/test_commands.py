@@ -384,7 +384,7 @@ def test_down_deletes_only_this_instances_labelled_objects_of_its_kinds(cluster,
     assert cluster.get("Pod", "smoke-head", "rl") is not None  # pods are the operator's to delete
     rc, out, err = rollfleet("down")
     assert rc == 0
-    assert ("nothing to delete: no RayJob, RayCluster, ConfigMap, NetworkPolicy labelled "
+    assert ("nothing to delete: no RayJob, RayCluster, ConfigMap, NetworkPolicy, PodMonitor, PrometheusRule labelled "
             "app.kubernetes.io/instance=smoke,app.kubernetes.io/managed-by=rollfleet in namespace rl") in out
 
 

@@ -201,6 +201,25 @@ def test_one_crd_missing(tmp_path, capsys, values_file, crds):
         fake.stop()
 
 
+def test_monitoring_objects_need_the_prometheus_operators_crds(tmp_path, capsys, values_file, crds):
+    fake = seed(FakeApiServer(CORE + kuberay(), crds=crds).start())  # no monitoring.coreos.com
+    try:
+        kubeconfig = str(fake.write_kubeconfig(tmp_path / "kc"))
+        values = values_file(monitoring__podMonitor={"enabled": True}, monitoring__alerts={"enabled": True},
+                             networkPolicy={"enabled": False})
+        rc = cli.main(["deploy", "-f", values, "--kubeconfig", kubeconfig])
+        err = capsys.readouterr().err
+        assert rc == 2 and ("error: PodMonitor, PrometheusRule (monitoring.coreos.com/v1) not served by the cluster; "
+                            "install the Prometheus Operator's CRDs") in err, err
+        assert writes(fake) == []
+        # the dashboard alone is a ConfigMap: nothing else needed
+        rc = cli.main(["deploy", "-f", values_file(monitoring__dashboard={"enabled": True}), "--kubeconfig", kubeconfig,
+                       "--wait", "none"])
+        assert rc == 0, capsys.readouterr().err
+    finally:
+        fake.stop()
+
+
 def test_no_kuberay_operator_is_refused_with_the_command_to_check(fake, rollfleet):
     seed(fake, operator=False)
     rc, out, err = rollfleet("deploy")

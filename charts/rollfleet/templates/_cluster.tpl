@@ -138,6 +138,8 @@ limits: {{ toJson $limits }}
           image: {{ include "rollfleet.image" $s.image | quote }}
           imagePullPolicy: {{ $s.image.pullPolicy | quote }}
           securityContext: {{ include "rollfleet.containerSecurity" $pool.rdma.enabled }}
+          ports:
+            - {"name": "metrics", "containerPort": 8080, "protocol": "TCP"}  # Ray's metrics endpoint
           {{- $extra := dict "nvidia.com/gpu" $pool.gpusPerNode }}
           {{- if $pool.rdma.enabled }}{{ $_ := set $extra $pool.rdma.resourceName $pool.rdma.count }}{{ end }}
           resources:
@@ -202,6 +204,7 @@ headGroupSpec:
             - {"name": "gcs", "containerPort": 6379, "protocol": "TCP"}
             - {"name": "dashboard", "containerPort": 8265, "protocol": "TCP"}
             - {"name": "client", "containerPort": 10001, "protocol": "TCP"}
+            - {"name": "metrics", "containerPort": 8080, "protocol": "TCP"}
           resources:
             {{- include "rollfleet.resources" (dict "cpu" $s.head.cpu "memory" $s.head.memory
                 "ephemeral" $s.head.ephemeralStorage "extra" (dict)) | nindent 12 }}

@@ -19,7 +19,7 @@ Use: {{- $s := include "rollfleet.config" . | fromJson }}
   "model.revision" "model.maxModelLen" "model.hfTokenSecret" "vllm.maxNumSeqs" "job.entrypoint"
   "job.activeDeadlineSeconds" "gangScheduling.scheduler" "gangScheduling.queue" "priorityClassName"
   "serviceAccountName" "podSecurity.fsGroup" "networkPolicy.operatorNamespace" "job.runtimeEnv.workingDir" "pools.colocated"
-  "job.checkpoint.path" }}
+  "job.checkpoint.path" "monitoring.scraper.namespace" }}
 {{- range $path := $nullable }}
   {{- $parts := splitList "." $path }}
   {{- $parent := $c }}

@@ -72,6 +72,12 @@ Call with (dict "s" $s "ctx" $), $s = rollfleet.config parsed.
 {{- if and $gang.queue (not $gang.scheduler) }}
   {{- $p = append $p "gangScheduling.queue: a queue without a scheduler does nothing; set gangScheduling.scheduler" }}
 {{- end }}
+{{- $scraper := $s.monitoring.scraper }}
+{{- if ne (not $scraper.namespace) (not $scraper.podLabels) }}
+  {{- $p = append $p "monitoring.scraper: set both namespace and podLabels (the Prometheus pods the NetworkPolicy admits to the metrics port 8080), or neither" }}
+{{- else if and $s.monitoring.podMonitor.enabled $s.networkPolicy.enabled (not $scraper.namespace) }}
+  {{- $p = append $p "monitoring.scraper.namespace: the NetworkPolicy keeps Prometheus from the metrics port (8080); set monitoring.scraper.namespace and podLabels to your Prometheus pods, or networkPolicy.enabled: false" }}
+{{- end }}
 {{- range $name := keys $s.secretEnv | sortAlpha }}
   {{- if hasKey $s.env $name }}
     {{- $p = append $p (printf "secretEnv.%s: also set in env; keep one of them" $name) }}

@@ -47,6 +47,8 @@ def add_command(sub, func) -> None:
     r.add_argument("--skip-push", action="store_true")
     r.add_argument("--workdir", default="/tmp/rollfleet-bench")
     r.add_argument("--json", help="also write the results here")
+    r.add_argument("--plot", metavar="PNG", default="rollfleet-bench-rollout.png",
+                   help="where to write the plot: tokens/s per path, push and pause times per policy ('' for none)")
     c = which.add_parser("colocated", help="one GPU: the colocated push vs the on-GPU copy ceiling, sleep/wake, memory")
     c.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-7b")
     c.add_argument("--repeat", type=int, default=5)
@@ -70,4 +72,8 @@ def main(args) -> int:
         print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.which == "rollout" and args.plot:
+        from rollfleet.report import write_rollout_plot
+
+        print(f"plot: {write_rollout_plot(result, args.plot)}")
     return 0

@@ -20,7 +20,10 @@ from rollfleet.spec import KUBERAY_VERSION
 FIELD_MANAGER = "rollfleet"
 API_VERSIONS = {"ConfigMap": "v1", "RayJob": "ray.io/v1", "RayCluster": "ray.io/v1", "Namespace": "v1",
                 "Secret": "v1", "Node": "v1", "Pod": "v1", "Event": "v1", "Deployment": "apps/v1",
-                "NetworkPolicy": "networking.k8s.io/v1"}
+                "NetworkPolicy": "networking.k8s.io/v1", "PodMonitor": "monitoring.coreos.com/v1",
+                "PrometheusRule": "monitoring.coreos.com/v1"}
+MONITORING_FIX = ("install the Prometheus Operator's CRDs (kube-prometheus-stack brings them), or set "
+                  "monitoring.podMonitor.enabled and monitoring.alerts.enabled to false")
 KUBERAY_INSTALL = (f"helm install kuberay-operator kuberay/kuberay-operator --version {KUBERAY_VERSION[1:]} "
                    "(helm repo add kuberay https://ray-project.github.io/kuberay-helm/)")
 REQUEST_TIMEOUT = 30  # seconds, each API request
@@ -81,6 +84,8 @@ class Kube:
             if api_version.startswith("ray.io/"):
                 raise NotServed(f"{self.where} does not serve {kind} ({api_version}); install the KubeRay "
                                 f"operator {KUBERAY_VERSION} with its CRDs: {KUBERAY_INSTALL}") from None
+            if api_version.startswith("monitoring.coreos.com/"):
+                raise NotServed(f"{self.where} does not serve {kind} ({api_version}); {MONITORING_FIX}") from None
             raise NotServed(f"{self.where} does not serve {kind} ({api_version})") from None
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict | None:

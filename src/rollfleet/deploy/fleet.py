@@ -11,7 +11,8 @@ from typing import Any
 
 GPU = "nvidia.com/gpu"
 TOPS = ("RayJob", "RayCluster")
-CREATED_KINDS = ("RayJob", "RayCluster", "ConfigMap", "NetworkPolicy")  # all rollfleet creates: all `down` deletes
+# all rollfleet creates: all `down` deletes
+CREATED_KINDS = ("RayJob", "RayCluster", "ConfigMap", "NetworkPolicy", "PodMonitor", "PrometheusRule")
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 HELM_RELEASE = "meta.helm.sh/release-name"
 HELM_NAMESPACE = "meta.helm.sh/release-namespace"

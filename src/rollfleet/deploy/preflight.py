@@ -1,7 +1,8 @@
 """Preflight: read-only checks of the objects about to be applied against the cluster. Every check runs;
 each failure is one line saying what, where and what to change; a check RBAC does not allow is a warning.
 
-- KubeRay's CRDs are served at ray.io/v1, and its operator runs (its Deployment);
+- KubeRay's CRDs are served at ray.io/v1, and its operator runs (its Deployment); the Prometheus
+  Operator's PodMonitor / PrometheusRule when the objects hold one;
 - the namespace exists; every Secret the pods reference exists and has its key;
 - the worker groups fit on the GPU nodes (read from the objects: replicas, nodeSelector, tolerations,
   GPU limits), with the taints and GPU products that exclude nodes named;
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from rollfleet.deploy.client import KUBERAY_INSTALL, Kube, NotServed, api_message
+from rollfleet.deploy.client import KUBERAY_INSTALL, MONITORING_FIX, Kube, NotServed, api_message
 from rollfleet.deploy.fleet import GPU, Fleet, Group, helm_release, pod_gpus, quantity, ref, secret_refs
 from rollfleet.spec import KUBERAY_VERSION
 
@@ -223,6 +224,18 @@ def crds_served(kube: Kube, fleet: Fleet) -> list[str]:
             f"{KUBERAY_INSTALL}" for p in needed if p not in served]
 
 
+def monitoring_served(kube: Kube, objects: list[dict]) -> list[str]:
+    """The Prometheus Operator's kinds the objects hold (monitoring.podMonitor / alerts) are served."""
+    wanted = sorted({o["kind"] for o in objects if o["apiVersion"] == "monitoring.coreos.com/v1"})
+    if not wanted:
+        return []
+    groups = {g["name"]: [v["version"] for v in g["versions"]] for g in kube.raw("/apis")["groups"]}
+    served = ({r["kind"] for r in kube.raw("/apis/monitoring.coreos.com/v1")["resources"]}
+              if "v1" in groups.get("monitoring.coreos.com", []) else set())
+    missing = [k for k in wanted if k not in served]
+    return [f"{', '.join(missing)} (monitoring.coreos.com/v1) not served by the cluster; {MONITORING_FIX}"] if missing else []
+
+
 def operator_running(kube: Kube, fleet: Fleet, report: Report) -> None:
     """The KubeRay operator's Deployment exists (any namespace) and has an available replica."""
     from kubernetes.dynamic.exceptions import ForbiddenError
@@ -284,7 +297,7 @@ def preflight(kube: Kube, objects: list[dict], fleet: Fleet, check_gpus: bool = 
 
     report = Report()
     ns = fleet.namespace
-    report.problems += crds_served(kube, fleet)
+    report.problems += crds_served(kube, fleet) + monitoring_served(kube, objects)
     if check_operator and not report.problems:
         operator_running(kube, fleet, report)
 
@@ -320,7 +333,7 @@ def preflight(kube: Kube, objects: list[dict], fleet: Fleet, check_gpus: bool = 
         for obj in objects:
             try:
                 report.live[ref(obj)] = kube.get(obj["kind"], obj["metadata"]["name"], ns)
-            except NotServed:  # reported above: ray.io/v1 is not served
+            except NotServed:  # reported above: ray.io/v1 or monitoring.coreos.com/v1 is not served
                 report.live[ref(obj)] = None
             except ForbiddenError as exc:
                 report.warnings.append(f"{ref(obj)} not read: {api_message(exc)}")

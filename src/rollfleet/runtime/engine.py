@@ -67,6 +67,26 @@ def continued(params: dict[str, Any], produced: int) -> dict[str, Any]:
             "min_tokens": max(0, params["min_tokens"] - produced)}
 
 
+def ray_stat_loggers() -> list | None:
+    """vLLM's metrics through Ray's metrics API, on the node's metrics port as ray_vllm_* (docs/monitoring.md):
+    its Ray stat logger, where it works. vllm.v1.metrics.ray_wrappers imports `ray.serve` (ray[serve]'s packages,
+    which the image has) and leaves `ray_metrics` None without it; passing the logger then fails the engine's
+    start (seen on a GPU host). None: vLLM's default loggers, and one line saying what is missing."""
+    import importlib
+
+    ray_wrappers = importlib.import_module("vllm.v1.metrics.ray_wrappers")
+    if getattr(ray_wrappers, "ray_metrics", True) is None:
+        try:
+            from ray import serve  # noqa: F401 (what the wrapper needs, for the message)
+            why = "its import of ray.util.metrics failed"
+        except ImportError as exc:
+            why = f"it needs ray.serve ({type(exc).__name__}: {exc})"
+        print(f"[rollfleet] metrics: vLLM's Ray stat logger is unavailable here, {why}; vLLM's own metrics do not "
+              f"reach Ray's endpoint (rollfleet_* do); install ray[serve]", flush=True)
+        return None
+    return [ray_wrappers.RayPrometheusStatLogger]
+
+
 class VllmCore:
     """The real engine core: vLLM `AsyncLLM` with the rollfleet worker extension (executor uni / mp)."""
 
@@ -80,8 +100,6 @@ class VllmCore:
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
-        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
-
         spec, v = self.spec, self.spec.vllm
         tp = v.tensor_parallel_size
         optional = {"revision": spec.model.revision, "max_model_len": spec.model.max_model_len,
@@ -96,8 +114,7 @@ class VllmCore:
             enable_sleep_mode=spec.colocated,  # the engine sleeps while the trainer trains on its GPU
             **{k: x for k, x in optional.items() if x is not None},
             **{"disable_log_stats": False, **v.extra_engine_args})  # extraEngineArgs may turn the stats off
-        # vLLM's metrics through Ray's metrics API, on the node's metrics port as ray_vllm_* (docs/monitoring.md)
-        loggers = None if args.disable_log_stats else [RayPrometheusStatLogger]
+        loggers = None if args.disable_log_stats else ray_stat_loggers()
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=loggers)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model, revision=spec.model.revision)
         self.max_model_len = self.llm.model_config.max_model_len

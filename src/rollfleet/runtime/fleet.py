@@ -98,8 +98,17 @@ class Fleet:
             getattr(self.supervisor, method).remote(*args)
 
     def report(self, engine: int, incarnation: str | None, reason: str) -> None:
-        """A real call failed because engine `engine`'s process is gone."""
-        self._tell("report", engine, incarnation, reason)
+        """A real call failed because engine `engine`'s process is gone. Waited for (the supervisor is a
+        threaded actor: a `settle` sent next could otherwise run first, see the engine still healthy, and
+        a rendezvous re-form without it); a supervisor that does not answer notices by its own probes."""
+        import ray
+
+        if self._static is not None:
+            return self._static.report(engine, incarnation, reason)
+        try:
+            ray.get(self.supervisor.report.remote(engine, incarnation, reason), timeout=self.timeouts.health.seconds)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            pass
 
     def synced(self, version: int, members: list[tuple[int, str | None]]) -> None:
         import ray

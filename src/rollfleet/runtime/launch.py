@@ -59,11 +59,12 @@ def run(spec: FleetSpec, model: str | None = None, kill_engine_at: int | None = 
     """Start the fleet and the trainer group on the connected Ray cluster, run the trainer.
     `kill_engine_at`: SIGKILL engine 0 once that step's row is in (the demo's fault); `on_rows`: the
     built-in trainer's rows at the end (the demo's report)."""
-    from rollfleet.runtime import tiny, trainer
+    from rollfleet.runtime import metrics, tiny, trainer
     from rollfleet.runtime.fleet import Fleet
     from rollfleet.runtime.trainer_group import BUILTIN, TrainerGroup
 
     model = model or tiny.resolve(spec.model.name)
+    metrics.watch_endpoints()
     group = TrainerGroup.start(spec)  # first: colocated engines go next to their ranks, on their GPUs
     fleet = None
     try:

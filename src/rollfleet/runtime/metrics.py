@@ -1,7 +1,9 @@
 """rollfleet's metrics, through Ray's metrics API (`ray.util.metrics`), as KubeRay expects.
 
 Every process records its own; each node's Ray metrics agent exports them on the node's metrics port
-(`monitoring.metricsPort`, 8080 in the RayCluster), where Prometheus scrapes them. Ray prefixes every
+(8080 in the RayCluster: rayStartParams metrics-export-port), where Prometheus scrapes them. The agent
+runs in Ray's dashboard agent (ray[default]) and has been seen not to start on a GPU host: `watch_endpoints`
+says so in one line, naming the node, instead of leaving the dashboards silently empty. Ray prefixes every
 application metric with `ray_`: `rollfleet_push_seconds` is scraped as `ray_rollfleet_push_seconds_bucket`
 and so on (`exported`). vLLM's own metrics reach the same endpoint as `ray_vllm_*` through vLLM's Ray
 stat logger (engine.py); the CPU stand-in records the same vLLM names (standin.py).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from typing import Any
 
 FLEET, ENGINE = ("fleet",), ("fleet", "engine")
@@ -125,8 +128,42 @@ def inc(name: str, value: float = 1.0, **tags: Any) -> None:
         _record(name, "inc", value, tags)
 
 
+# Ray exports a gauge only in the report (RAY_metrics_report_interval_ms, 10 s by default) after it was
+# set: one set once, and its series is gone from the endpoint a report later (measured on Ray 2.60). A
+# state held for an hour (an engine failed for good; no step since) would vanish exactly when an alert
+# needs it. So every gauge this process set is set again, with its last value, twice per report interval.
+_gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+_keeper: list[threading.Thread] = []
+
+
+def _keep_interval_s() -> float:
+    import os
+
+    try:
+        report_ms = float(os.environ.get("RAY_metrics_report_interval_ms") or 10000)
+    except ValueError:
+        report_ms = 10000.0
+    return max(0.25, report_ms / 2000)
+
+
+def _keep_gauges() -> None:
+    every = _keep_interval_s()
+    while True:
+        time.sleep(every)
+        with _lock:
+            held = list(_gauges.items())
+        for (name, tags), value in held:
+            _record(name, "set", value, dict(tags))
+
+
 def set(name: str, value: float, **tags: Any) -> None:  # noqa: A001 (the metric verb)
     _record(name, "set", value, tags)
+    if name in _made:  # recorded through Ray: keep its series alive until the process ends
+        with _lock:
+            _gauges[(name, tuple(sorted((k, str(v)) for k, v in tags.items())))] = value
+            if not _keeper:
+                _keeper.append(threading.Thread(target=_keep_gauges, name="rollfleet-gauges", daemon=True))
+                _keeper[0].start()
 
 
 def observe(name: str, value: float, **tags: Any) -> None:
@@ -154,3 +191,41 @@ class StepClock:
             if isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool):
                 set(name, float(row[key]), fleet=self.fleet)
         set("rollfleet_last_step_timestamp_seconds", time.time(), fleet=self.fleet)
+
+
+def silent_endpoints(nodes: list[dict[str, Any]], timeout_s: float, poll_s: float = 2.0) -> list[str]:
+    """The metrics URLs of `nodes` (ray.nodes()' entries) that did not answer within `timeout_s`."""
+    urls = {f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in nodes if n.get("Alive")}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for url in sorted(urls):
+            try:
+                with urllib.request.urlopen(url, timeout=min(5.0, max(timeout_s, 0.1))) as answer:
+                    answer.read(1)
+                urls.discard(url)
+            except OSError:
+                pass
+        if not urls or time.monotonic() >= deadline:
+            return sorted(urls)
+        time.sleep(poll_s)
+
+
+def watch_endpoints(timeout_s: float = 60.0) -> threading.Thread:
+    """In the background: one line for each node whose Ray metrics endpoint does not answer within
+    `timeout_s` (the run goes on; its table and ROLLFLEET_RESULT carry the numbers regardless)."""
+    import ray
+
+    def watch() -> None:
+        try:
+            silent = silent_endpoints(ray.nodes(), timeout_s)
+        except Exception as exc:  # never break the run over its metrics
+            silent = [f"(not checked: {type(exc).__name__}: {exc})"]
+        for url in silent:
+            print(f"[rollfleet] metrics: Ray's metrics endpoint {url} did not answer within {timeout_s:.0f} s: "
+                  f"nothing recorded on that node reaches Prometheus. Ray's metrics agent runs in its dashboard "
+                  f"agent (needs ray[default], as the image has); see /tmp/ray/session_latest/logs/"
+                  f"dashboard_agent.log on that node", flush=True)
+
+    thread = threading.Thread(target=watch, name="rollfleet-metrics-watch", daemon=True)
+    thread.start()
+    return thread
