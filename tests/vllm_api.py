@@ -143,6 +143,7 @@ USES: tuple[Use, ...] = (
     Use(STATIC, _ASYNC, "AsyncLLM.from_engine_args", ("engine_args", "start_engine_loop", "usage_context",
                                                         "stat_loggers")),
     Use(EXPORT, "vllm.v1.metrics.ray_wrappers", "RayPrometheusStatLogger"),  # vLLM's metrics via ray.util.metrics
+    Use(EXPORT, "vllm.v1.metrics.ray_wrappers", "ray_metrics"),  # None where `from ray import serve` failed
     Use(CALL, _ASYNC, "AsyncLLM.generate", ("prompt", "sampling_params", "request_id")),
     Use(CALL, _ASYNC, "AsyncLLM.collective_rpc", ("method", "*", "timeout", "args")),
     Use(CALL, _ASYNC, "AsyncLLM.reset_prefix_cache", ("*", "reset_running_requests")),
