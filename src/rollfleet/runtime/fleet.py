@@ -100,13 +100,15 @@ class Fleet:
     def report(self, engine: int, incarnation: str | None, reason: str) -> None:
         """A real call failed because engine `engine`'s process is gone. Waited for (the supervisor is a
         threaded actor: a `settle` sent next could otherwise run first, see the engine still healthy, and
-        a rendezvous re-form without it); a supervisor that does not answer notices by its own probes."""
+        a rendezvous re-form without it), at most recovery.probeTimeoutSeconds: a supervisor that does not
+        answer by then notices by its own probes."""
         import ray
 
         if self._static is not None:
             return self._static.report(engine, incarnation, reason)
         try:
-            ray.get(self.supervisor.report.remote(engine, incarnation, reason), timeout=self.timeouts.health.seconds)
+            ray.get(self.supervisor.report.remote(engine, incarnation, reason),
+                    timeout=self.spec.recovery.probe_timeout_seconds)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             pass
 
