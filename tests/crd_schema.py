@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
-             "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml"}
+from rollfleet import validate
+
+CRD_FILES = {**validate.CRD_FILES, **validate.MONITORING_CRD_FILES}  # kind -> file, rollfleet's own table
 ROOT_FIELDS = ("apiVersion", "kind", "metadata")
 
 

@@ -7,8 +7,10 @@ alert), and every expression of the dashboard and of the alerts returns data whe
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -131,16 +133,11 @@ def _quantity(expr: str) -> str:
 
 
 def _rules(loop_runs) -> list[dict]:
-    import json
-
     return [rule for group in json.loads(loop_runs["rules"].read_text())["groups"] for rule in group["rules"]]
 
 
 @pytest.mark.parametrize("staleness", [0, 4])
 def test_promtool_accepts_the_rendered_rules(tmp_path, staleness):
-    import json
-    import shutil
-
     if shutil.which("promtool") is None:
         if os.environ.get("CI"):
             pytest.fail("promtool is not installed; .ci/run installs Debian's prometheus")

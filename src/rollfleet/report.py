@@ -21,12 +21,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> str:
+def _save(plt, fig, path: str | Path) -> str:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    fig.clf()
+    plt.close(fig)
     return str(path)
 
 
@@ -51,9 +51,7 @@ def write_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
     axes[-1].set_xlabel("step")
     if title:
         fig.suptitle(title, fontsize=9)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 ROLLOUT_PATHS = ("bare", "batch", "async")  # bench/rollout.py's: bare AsyncLLM, fleet.generate, the async client
@@ -84,6 +82,4 @@ def write_rollout_plot(result: dict[str, Any], path: str | Path) -> str:
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     fig.suptitle(f"rollfleet bench rollout: {result.get('shape')}, vLLM {result.get('vllm', '?')}", fontsize=9)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)

@@ -127,7 +127,7 @@ def cached_strict_schema(path: Path) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=None)
 def crd_validator(kind: str, directory: str) -> jsonschema.Draft7Validator:
-    return jsonschema.Draft7Validator(cached_strict_schema(Path(directory) / {**CRD_FILES, **MONITORING_CRD_FILES}[kind]))
+    return jsonschema.Draft7Validator(cached_strict_schema(Path(directory) / (CRD_FILES | MONITORING_CRD_FILES)[kind]))
 
 
 def _where(error: jsonschema.ValidationError) -> str:

@@ -15,6 +15,7 @@ Recording never raises and costs nothing outside Ray (unit tests run the engine'
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import urllib.request
@@ -137,8 +138,6 @@ _keeper: list[threading.Thread] = []
 
 
 def _keep_interval_s() -> float:
-    import os
-
     try:
         report_ms = float(os.environ.get("RAY_metrics_report_interval_ms") or 10000)
     except ValueError:
